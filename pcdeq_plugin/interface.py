@@ -1,0 +1,243 @@
+"""The common implicit-model interface.
+
+Everything the training harness needs from an implicit model, and nothing else:
+
+* :class:`SolveStats` -- one record for one solve (forward or backward) of one block,
+  shared by every family: fixed-point iterations for DEQs, function evaluations for ODEs.
+* :class:`BlockStats` -- the latest forward and backward :class:`SolveStats` of one block.
+* :class:`SolverConfig` -- the knobs of a forward/backward solve, shared by all DEQ blocks.
+* :class:`ImplicitBlock` -- base class of any module that performs an implicit solve.
+* :class:`ImplicitModel` -- base class of a classifier built from implicit blocks. It
+  collects :class:`BlockStats` from its blocks and offers the one hook the training loop
+  calls after every optimizer step (:meth:`ImplicitModel.after_optimizer_step`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+__all__ = [
+    "BlockStats",
+    "ConvergenceError",
+    "ConvergenceWarning",
+    "ImplicitBlock",
+    "FixedPointResult",
+    "ImplicitModel",
+    "SolveStats",
+    "SolverConfig",
+]
+
+FailurePolicy = Literal["ignore", "warn", "raise"]
+FAILURE_POLICIES: tuple[str, ...] = ("ignore", "warn", "raise")
+
+
+class ConvergenceWarning(RuntimeWarning):
+    """A solve stopped at its iteration (or step) cap before reaching its tolerance."""
+
+
+class ConvergenceError(RuntimeError):
+    """Raised instead of :class:`ConvergenceWarning` when the failure policy is ``"raise"``."""
+
+
+@dataclass
+class SolveStats:
+    """Statistics of one solve of one implicit block.
+
+    Attributes:
+        iterations: Fixed-point iterations performed (DEQs) or function evaluations (ODEs).
+        residual: Final residual per sample, detached, shape ``[B]``.
+        converged: Per-sample flag, shape ``[B]``: the sample met the tolerance.
+        seconds: Wall time of the solve as seen by the host.
+        unit: ``"iter"`` for fixed-point iterations, ``"nfe"`` for function evaluations.
+        solver: Name of the solver that produced the record.
+        max_iter: The cap the solve ran under (``0`` where it does not apply).
+    """
+
+    iterations: int
+    residual: torch.Tensor
+    converged: torch.Tensor
+    seconds: float
+    unit: Literal["iter", "nfe"] = "iter"
+    solver: str = ""
+    max_iter: int = 0
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.converged.numel())
+
+    @property
+    def num_failed(self) -> int:
+        """Number of samples that did not converge (synchronises with the device)."""
+        return int((~self.converged.bool()).sum().item())
+
+    @property
+    def all_converged(self) -> bool:
+        return self.num_failed == 0
+
+    @property
+    def max_residual(self) -> float:
+        if self.residual.numel() == 0:
+            return 0.0
+        value = float(self.residual.detach().max().item())
+        return value if math.isfinite(value) else float("inf")
+
+    def summary(self) -> dict[str, float | int | str]:
+        """Plain-Python summary, safe to JSON-serialise."""
+        return {
+            "iterations": int(self.iterations),
+            "unit": self.unit,
+            "solver": self.solver,
+            "max_iter": int(self.max_iter),
+            "max_residual": self.max_residual,
+            "failed": self.num_failed,
+            "batch": self.batch_size,
+            "seconds": float(self.seconds),
+        }
+
+
+@dataclass
+class FixedPointResult:
+    """What every fixed-point solver returns: the solution and its statistics."""
+
+    value: torch.Tensor
+    stats: SolveStats
+
+
+@dataclass
+class BlockStats:
+    """The latest forward and backward statistics of one implicit block."""
+
+    block: str
+    forward: SolveStats | None = None
+    backward: SolveStats | None = None
+
+    def summary(self) -> dict[str, object]:
+        return {
+            "block": self.block,
+            "forward": None if self.forward is None else self.forward.summary(),
+            "backward": None if self.backward is None else self.backward.summary(),
+        }
+
+
+@dataclass(frozen=True)
+class SolverConfig:
+    """How a DEQ block solves its forward fixed point and its backward (adjoint) problem.
+
+    Attributes:
+        solver: Registered name of the forward solver (see ``pcdeq_plugin.list_solvers()``).
+        tol: Per-sample relative residual tolerance of the forward solve.
+        max_iter: Iteration cap of the forward solve.
+        backward_solver: Registered name of the backward solver; ``None`` reuses ``solver``.
+        backward_tol: Tolerance of the backward solve; ``None`` reuses ``tol``.
+        backward_max_iter: Iteration cap of the backward solve; ``None`` reuses ``max_iter``.
+        check_every: Test convergence only every this many iterations, so the host does not
+            synchronise with the device on every step.
+        on_failure: What a solve that hits its cap does: ``"ignore"`` (only recorded),
+            ``"warn"`` (recorded and a :class:`ConvergenceWarning`), ``"raise"``
+            (:class:`ConvergenceError`).
+        solver_options: Extra keyword options for the solver (e.g. Anderson memory).
+    """
+
+    solver: str = "fixed_point"
+    tol: float = 1e-4
+    max_iter: int = 200
+    backward_solver: str | None = None
+    backward_tol: float | None = None
+    backward_max_iter: int | None = None
+    check_every: int = 1
+    on_failure: FailurePolicy = "warn"
+    solver_options: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.tol, (int, float)) and self.tol > 0 and math.isfinite(self.tol)):
+            raise ValueError(f"tol must be a positive finite number, got {self.tol!r}")
+        if not (isinstance(self.max_iter, int) and self.max_iter >= 1):
+            raise ValueError(f"max_iter must be an integer >= 1, got {self.max_iter!r}")
+        if self.backward_tol is not None and not (self.backward_tol > 0):
+            raise ValueError(f"backward_tol must be positive, got {self.backward_tol!r}")
+        if self.backward_max_iter is not None and not (
+            isinstance(self.backward_max_iter, int) and self.backward_max_iter >= 1
+        ):
+            raise ValueError(
+                f"backward_max_iter must be an integer >= 1, got {self.backward_max_iter!r}"
+            )
+        if not (isinstance(self.check_every, int) and self.check_every >= 1):
+            raise ValueError(f"check_every must be an integer >= 1, got {self.check_every!r}")
+        if self.on_failure not in FAILURE_POLICIES:
+            raise ValueError(
+                f"unknown on_failure {self.on_failure!r}; choose one of {', '.join(FAILURE_POLICIES)}"
+            )
+
+    @property
+    def effective_backward_solver(self) -> str:
+        return self.backward_solver or self.solver
+
+    @property
+    def effective_backward_tol(self) -> float:
+        return self.backward_tol if self.backward_tol is not None else self.tol
+
+    @property
+    def effective_backward_max_iter(self) -> int:
+        return self.backward_max_iter if self.backward_max_iter is not None else self.max_iter
+
+    def replace(self, **changes: object) -> SolverConfig:
+        """A copy with some fields changed (validated again)."""
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            valid = ", ".join(f.name for f in dataclasses.fields(self))
+            raise TypeError(f"unknown SolverConfig field(s) {unknown}; valid fields: {valid}")
+        return dataclasses.replace(self, **changes)
+
+
+class ImplicitBlock(nn.Module):
+    """Base class of a module that performs an implicit solve (a DEQ block, an ODE block).
+
+    Subclasses write their latest statistics into ``self.last_stats`` (forward during the
+    forward pass, backward during ``loss.backward()``), and may override
+    :meth:`after_optimizer_step` (pcDEQ projects its recurrent weights there).
+    """
+
+    def __init__(self, name: str | None = None) -> None:
+        super().__init__()
+        self.block_name = name or type(self).__name__
+        self.last_stats = BlockStats(self.block_name)
+
+    def reset_stats(self) -> None:
+        self.last_stats = BlockStats(self.block_name)
+
+    def after_optimizer_step(self) -> None:
+        """Called by the training loop after every optimizer step. Default: nothing."""
+
+
+class ImplicitModel(nn.Module):
+    """Base class of an implicit-model classifier.
+
+    The harness relies only on this surface: ``forward(x) -> logits``,
+    :meth:`solver_stats`, :meth:`after_optimizer_step` and the ``family`` attribute.
+    """
+
+    #: Family name shown in reports (``"pcdeq"``, ``"mondeq"``, ``"node"``, ...).
+    family: str = "implicit"
+
+    def implicit_blocks(self) -> list[ImplicitBlock]:
+        """The implicit blocks of this model, in module order."""
+        return [m for m in self.modules() if isinstance(m, ImplicitBlock)]
+
+    def solver_stats(self) -> list[BlockStats]:
+        """Latest per-block statistics (forward after ``forward``, backward after ``backward``)."""
+        return [block.last_stats for block in self.implicit_blocks()]
+
+    def reset_stats(self) -> None:
+        for block in self.implicit_blocks():
+            block.reset_stats()
+
+    def after_optimizer_step(self) -> None:
+        """The one hook the training loop calls after every optimizer step."""
+        for block in self.implicit_blocks():
+            block.after_optimizer_step()

@@ -1,0 +1,290 @@
+"""The plugin manager: built-ins and entry-point plugins, loaded lazily and in isolation.
+
+* Built-in modules register through the same hooks as third-party plugins.
+* Entry points of the group ``pcdeq`` are discovered on the first registry lookup, never at
+  import. Each plugin is loaded in isolation: one that fails to import or to register is
+  reported with its name, its distribution and the error, and the others still load.
+* Switches (read when loading):
+
+  ``PCDEQ_DISABLE_PLUGIN_AUTOLOAD=1``
+      load no entry-point plugin except those named in ``PCDEQ_PLUGINS``;
+  ``PCDEQ_PLUGINS=a,b``
+      with autoload disabled, the entry-point plugins to load anyway;
+  ``PCDEQ_BLOCK_PLUGINS=a,b``
+      entry-point plugins never to load;
+  ``PCDEQ_STRICT_PLUGINS=1``
+      any plugin error raises :class:`PluginError` instead of a :class:`PluginWarning`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import threading
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any
+
+import pluggy
+
+from . import hookspecs
+from .registry import ACTIVATIONS, DATASETS, MODELS, SOLVERS, Registry
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "PluginError",
+    "PluginRecord",
+    "PluginWarning",
+    "add_plugin",
+    "get_plugin_manager",
+    "load_plugins",
+    "plugin_report",
+    "reset_plugins",
+]
+
+ENTRY_POINT_GROUP = "pcdeq"
+ENV_DISABLE_AUTOLOAD = "PCDEQ_DISABLE_PLUGIN_AUTOLOAD"
+ENV_ALLOW = "PCDEQ_PLUGINS"
+ENV_BLOCK = "PCDEQ_BLOCK_PLUGINS"
+ENV_STRICT = "PCDEQ_STRICT_PLUGINS"
+
+BUILTIN_MODULES: tuple[str, ...] = (
+    "pcdeq_plugin.activations",
+    "pcdeq_plugin.solvers",
+    "pcdeq_plugin.models",
+)
+
+# hook name -> the registry its results go to
+_HOOK_TARGETS: dict[str, Registry[Any]] = {
+    "pcdeq_register_activations": ACTIVATIONS,
+    "pcdeq_register_solvers": SOLVERS,
+    "pcdeq_register_models": MODELS,
+    "pcdeq_register_datasets": DATASETS,
+}
+
+
+class PluginError(RuntimeError):
+    """A plugin failed to load or to register (raised in strict mode)."""
+
+
+class PluginWarning(UserWarning):
+    """A plugin failed to load or to register; the others were loaded."""
+
+
+@dataclass
+class PluginRecord:
+    """What happened to one plugin."""
+
+    name: str
+    source: str  # "builtin" | "entry point" | "added"
+    distribution: str = ""
+    status: str = "loaded"  # "loaded" | "failed" | "blocked" | "skipped"
+    errors: list[str] = field(default_factory=list)
+    provides: dict[str, list[str]] = field(default_factory=dict)
+
+
+class _State:
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.manager: pluggy.PluginManager | None = None
+        self.loaded = False
+        self.loading = False
+        self.records: list[PluginRecord] = []
+
+
+_state = _State()
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _name_list(value: str | None) -> set[str]:
+    return {part.strip() for part in (value or "").split(",") if part.strip()}
+
+
+def _strict(strict: bool | None) -> bool:
+    return _truthy(os.environ.get(ENV_STRICT)) if strict is None else strict
+
+
+def get_plugin_manager() -> pluggy.PluginManager:
+    """The process-wide ``pluggy.PluginManager("pcdeq")`` (created on first call)."""
+    with _state.lock:
+        if _state.manager is None:
+            manager = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+            manager.add_hookspecs(hookspecs)
+            _state.manager = manager
+        return _state.manager
+
+
+def _report_problem(record: PluginRecord, message: str, strict: bool) -> None:
+    record.errors.append(message)
+    where = f" (distribution {record.distribution})" if record.distribution else ""
+    text = f"pcdeq plugin {record.name!r}{where}: {message}"
+    if strict:
+        raise PluginError(text)
+    warnings.warn(text, PluginWarning, stacklevel=3)
+
+
+def _merge(plugin: object, record: PluginRecord, strict: bool) -> None:
+    """Call the registration hooks of one plugin and add what they return."""
+    manager = get_plugin_manager()
+    for hook_name, registry in _HOOK_TARGETS.items():
+        impls = [
+            impl
+            for impl in getattr(manager.hook, hook_name).get_hookimpls()
+            if impl.plugin is plugin
+        ]
+        for impl in impls:
+            try:
+                offered = impl.function()
+            except Exception as exc:  # a plugin's own bug must not stop the others
+                record.status = "failed"
+                _report_problem(record, f"{hook_name}() raised {type(exc).__name__}: {exc}", strict)
+                continue
+            if offered is None:
+                continue
+            if not isinstance(offered, dict):
+                record.status = "failed"
+                _report_problem(
+                    record,
+                    f"{hook_name}() must return a dict {{name: spec}}, got {type(offered).__name__}",
+                    strict,
+                )
+                continue
+            for name, spec in offered.items():
+                try:
+                    registry.register(name, spec, provider=record.name)
+                except Exception as exc:
+                    record.status = "failed"
+                    _report_problem(record, f"{registry.kind} {name!r} refused: {exc}", strict)
+                else:
+                    record.provides.setdefault(registry.kind, []).append(name)
+
+
+def _register(plugin: object, record: PluginRecord, strict: bool) -> None:
+    manager = get_plugin_manager()
+    try:
+        manager.register(plugin, name=record.name)
+    except Exception as exc:
+        record.status = "failed"
+        _report_problem(record, f"could not be registered: {type(exc).__name__}: {exc}", strict)
+        return
+    _state.records.append(record)
+    _merge(plugin, record, strict)
+
+
+def _entry_points() -> Iterable[metadata.EntryPoint]:
+    return metadata.entry_points(group=ENTRY_POINT_GROUP)
+
+
+def _load_entry_points(strict: bool) -> None:
+    disabled = _truthy(os.environ.get(ENV_DISABLE_AUTOLOAD))
+    allowed = _name_list(os.environ.get(ENV_ALLOW))
+    blocked = _name_list(os.environ.get(ENV_BLOCK))
+    seen: dict[str, str] = {}
+    for ep in _entry_points():
+        dist = getattr(getattr(ep, "dist", None), "name", "") or ""
+        record = PluginRecord(ep.name, "entry point", distribution=dist)
+        if ep.name in seen:
+            if seen[ep.name] == dist:  # the same distribution seen twice on sys.path
+                continue
+            record.status = "skipped"
+            _state.records.append(record)
+            _report_problem(
+                record,
+                f"entry-point name {ep.name!r} is also used by distribution {seen[ep.name]!r}; "
+                "only the first was loaded (use the distribution name as entry-point name)",
+                strict,
+            )
+            continue
+        seen[ep.name] = dist
+        if ep.name in blocked or (disabled and ep.name not in allowed):
+            record.status = "blocked"
+            _state.records.append(record)
+            continue
+        try:
+            plugin = ep.load()
+        except Exception as exc:
+            record.status = "failed"
+            _state.records.append(record)
+            _report_problem(record, f"failed to import {ep.value!r}: {type(exc).__name__}: {exc}", strict)
+            continue
+        _register(plugin, record, strict)
+
+
+def load_plugins(*, strict: bool | None = None) -> None:
+    """Load built-ins and entry-point plugins once per process (idempotent, thread-safe).
+
+    Args:
+        strict: Raise :class:`PluginError` on any plugin problem. Defaults to the
+            ``PCDEQ_STRICT_PLUGINS`` environment variable.
+    """
+    with _state.lock:
+        if _state.loaded or _state.loading:
+            return
+        _state.loading = True
+        strict_mode = _strict(strict)
+        try:
+            for module_name in BUILTIN_MODULES:
+                module = importlib.import_module(module_name)
+                _register(module, PluginRecord(module_name, "builtin"), strict=True)
+            _load_entry_points(strict_mode)
+            if strict_mode:
+                get_plugin_manager().check_pending()
+            _state.loaded = True
+        finally:
+            _state.loading = False
+
+
+def add_plugin(plugin: object, name: str | None = None, *, strict: bool | None = None) -> PluginRecord:
+    """Register a plugin module or object by hand (after loading the others).
+
+    Returns:
+        The :class:`PluginRecord` describing what it provided or why it failed.
+    """
+    load_plugins()
+    with _state.lock:
+        plugin_name = name or getattr(plugin, "__name__", None) or type(plugin).__name__
+        record = PluginRecord(plugin_name, "added")
+        if get_plugin_manager().has_plugin(plugin_name):
+            existing = next((r for r in _state.records if r.name == plugin_name), None)
+            if existing is not None and get_plugin_manager().get_plugin(plugin_name) is plugin:
+                return existing  # idempotent
+            raise PluginError(f"a different plugin is already registered as {plugin_name!r}")
+        _register(plugin, record, _strict(strict))
+        return record
+
+
+def plugin_report() -> list[PluginRecord]:
+    """What happened to every plugin: loaded, failed (with errors), blocked or skipped."""
+    load_plugins()
+    return list(_state.records)
+
+
+def reset_plugins(*, loader: Callable[[], Iterable[metadata.EntryPoint]] | None = None) -> None:
+    """Forget every plugin and registry entry (tests; a fresh load happens on next use).
+
+    Args:
+        loader: Optional replacement for entry-point discovery (tests).
+    """
+    global _entry_points
+    with _state.lock:
+        manager = _state.manager
+        if manager is not None:
+            for plugin_name, plugin in list(manager.list_name_plugin()):
+                manager.unregister(plugin, name=plugin_name)
+        _state.manager = None
+        _state.loaded = False
+        _state.records = []
+        for registry in _HOOK_TARGETS.values():
+            registry._clear()
+        if loader is not None:
+            _entry_points = loader  # type: ignore[assignment]
+        else:
+            _entry_points = _default_entry_points  # type: ignore[assignment]
+
+
+_default_entry_points = _entry_points
