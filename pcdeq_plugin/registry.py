@@ -247,7 +247,7 @@ class Registry(Generic[T]):
 
 
 def _validate_activation(spec: ActivationSpec) -> None:
-    from .activations import verify_activation
+    from .activation_checks import verify_activation
 
     verify_activation(spec)
 

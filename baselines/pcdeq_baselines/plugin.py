@@ -1,0 +1,15 @@
+"""Entry-point plugin module: registers every baseline model through the pcdeq hooks."""
+
+from __future__ import annotations
+
+from pcdeq_plugin import ModelSpec, hookimpl
+
+from . import mondeq, node, subdeq, unconstrained
+
+
+@hookimpl
+def pcdeq_register_models() -> dict[str, ModelSpec]:
+    specs: dict[str, ModelSpec] = {}
+    for module in (node, unconstrained, mondeq, subdeq):
+        specs.update(module.MODEL_SPECS)
+    return specs
