@@ -1,0 +1,371 @@
+"""Forward (and adjoint) fixed-point solvers: plain Picard iteration and safeguarded Anderson.
+
+Every solver shares one call signature (see :class:`~pcdeq_plugin.registry.FixedPointSolver`)::
+
+    solver(fn, z0, *, tol, max_iter, check_every=1) -> FixedPointResult(value, stats)
+
+In the optimistix spirit a solver is a small object with a fixed protocol -- ``init`` its
+state, take one ``step`` from an iterate and its image -- and one generic loop
+(:meth:`IterativeSolver.__call__`) drives it, tests convergence and writes the statistics.
+
+Design points:
+
+* The residual is **per sample**: ``||f(z) - z|| / (||f(z)|| + 1e-8)`` over all non-batch
+  dimensions (the official pcDEQ code uses one residual for the whole batch, so one slow
+  sample can hide behind the others).
+* Convergence is tested only every ``check_every`` iterations (and at the cap); the
+  per-sample mask stays on the device, so the host synchronises once per check, not once
+  per step.
+* A sample is *done* once its residual is below ``tol`` or becomes non-finite (NaN/Inf in
+  the state or the map's output). Done samples keep the value they had at that check; a
+  NaN residual never counts as converged. The loop stops when every sample is done.
+* Solvers never raise on non-convergence: the statistics say so, and the caller applies
+  its failure policy (:func:`pcdeq_plugin.implicit.enforce_failure_policy`).
+* Solvers do not change the grad mode: :func:`pcdeq_plugin.implicit.solve_implicit` calls
+  them under ``torch.no_grad()``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .hookspecs import hookimpl
+from .interface import FixedPointResult, SolveStats
+from .registry import SolverSpec
+
+__all__ = [
+    "AndersonAcceleration",
+    "FixedPointIteration",
+    "IterativeSolver",
+    "RESIDUAL_EPS",
+    "per_sample_residual",
+    "pcdeq_register_solvers",
+]
+
+#: Added to the denominator of the relative residual so that a zero image does not divide by 0.
+RESIDUAL_EPS = 1e-8
+
+MapFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def per_sample_residual(
+    fz: torch.Tensor, z: torch.Tensor, eps: float = RESIDUAL_EPS
+) -> torch.Tensor:
+    """Relative residual of each sample: ``||f(z) - z|| / (||f(z)|| + eps)``.
+
+    Args:
+        fz: The map's output ``f(z)``, shape ``[B, ...]``.
+        z: The iterate, same shape.
+        eps: Added to the denominator.
+
+    Returns:
+        A ``[B]`` tensor (NaN or Inf where the sample holds non-finite values).
+    """
+    if fz.shape != z.shape:
+        raise ValueError(
+            f"the map changed the state's shape: got {tuple(fz.shape)} from {tuple(z.shape)}"
+        )
+    if z.dim() == 0:
+        raise ValueError("the state must have a batch dimension, got a 0-d tensor")
+    diff = (fz - z).flatten(1).norm(dim=1)
+    return diff / (fz.flatten(1).norm(dim=1) + eps)
+
+
+def _check_call_args(z0: torch.Tensor, tol: float, max_iter: int, check_every: int) -> None:
+    if not isinstance(z0, torch.Tensor):
+        raise TypeError(f"z0 must be a torch.Tensor, got {type(z0).__name__}")
+    if z0.dim() < 1 or z0.shape[0] < 1:
+        raise ValueError(f"z0 must have a non-empty batch dimension, got shape {tuple(z0.shape)}")
+    if not z0.is_floating_point():
+        raise TypeError(f"z0 must be a floating-point tensor, got dtype {z0.dtype}")
+    if not (isinstance(tol, (int, float)) and tol > 0 and math.isfinite(tol)):
+        raise ValueError(f"tol must be a positive finite number, got {tol!r}")
+    if isinstance(max_iter, bool) or not (isinstance(max_iter, int) and max_iter >= 1):
+        raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
+    if isinstance(check_every, bool) or not (isinstance(check_every, int) and check_every >= 1):
+        raise ValueError(f"check_every must be an integer >= 1, got {check_every!r}")
+
+
+def _batch_where(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a`` where the per-sample ``mask`` holds, else ``b`` (mask broadcast over non-batch dims)."""
+    return torch.where(mask.view(-1, *([1] * (a.dim() - 1))), a, b)
+
+
+class IterativeSolver:
+    """Base class: the generic fixed-point loop; subclasses define ``init`` and ``step``.
+
+    Protocol:
+        ``init(z0) -> state``: state carried between steps.
+        ``step(state, z, fz, residual) -> (z_next, state)``: the next iterate from the
+        current one and its image. ``residual`` is the per-sample residual of ``z`` when
+        :attr:`needs_residual` is true or on a check step, else ``None``.
+    """
+
+    #: Registry name, written into :class:`SolveStats`.
+    name: str = "iterative"
+    #: Whether :meth:`step` needs the residual on every step (not only on check steps).
+    needs_residual: bool = False
+
+    def init(self, z0: torch.Tensor) -> Any:
+        return None
+
+    def step(
+        self, state: Any, z: torch.Tensor, fz: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, Any]:
+        raise NotImplementedError
+
+    def __call__(
+        self,
+        fn: MapFn,
+        z0: torch.Tensor,
+        *,
+        tol: float,
+        max_iter: int,
+        check_every: int = 1,
+    ) -> FixedPointResult:
+        """Iterate towards ``z = fn(z)`` from ``z0``.
+
+        Args:
+            fn: The map, ``[B, ...] -> [B, ...]``.
+            z0: Starting point (pcDEQ starts from zeros).
+            tol: Per-sample relative residual tolerance.
+            max_iter: Iteration cap (number of evaluations of ``fn``).
+            check_every: Test convergence every this many iterations (and at the cap).
+
+        Returns:
+            :class:`FixedPointResult` with the per-sample solution (each sample's image
+            ``fn(z)`` at the check where it finished, or at the cap) and its statistics.
+        """
+        _check_call_args(z0, tol, max_iter, check_every)
+        start = time.perf_counter()
+        batch = z0.shape[0]
+        z = z0.detach()
+        state = self.init(z)
+        done = torch.zeros(batch, dtype=torch.bool, device=z.device)
+        converged = torch.zeros_like(done)
+        final_residual = torch.full((batch,), math.inf, dtype=z.dtype, device=z.device)
+        value = z
+        iterations = 0
+        for k in range(1, max_iter + 1):
+            fz = fn(z)
+            if not isinstance(fz, torch.Tensor) or fz.shape != z.shape:
+                got = tuple(fz.shape) if isinstance(fz, torch.Tensor) else type(fz).__name__
+                raise ValueError(
+                    f"{self.name}: the map must return a tensor shaped like its input "
+                    f"{tuple(z.shape)}, got {got}"
+                )
+            iterations = k
+            check = k % check_every == 0 or k == max_iter
+            residual = per_sample_residual(fz, z) if (check or self.needs_residual) else None
+            if check:
+                assert residual is not None
+                ok = residual < tol  # False for NaN
+                bad = ~torch.isfinite(residual)
+                newly = ~done & (ok | bad)
+                still_open = ~done
+                # Samples finishing now (or still running) take this check's image and
+                # residual; samples finished earlier keep theirs.
+                value = _batch_where(still_open, fz, value)
+                final_residual = torch.where(still_open, residual, final_residual)
+                converged = converged | (newly & ok)
+                done = done | newly
+                if bool(done.all()):  # the one host synchronisation per check
+                    break
+            if k < max_iter:
+                z, state = self.step(state, z, fz, residual)
+        stats = SolveStats(
+            iterations=iterations,
+            residual=final_residual.detach(),
+            converged=converged,
+            seconds=time.perf_counter() - start,
+            unit="iter",
+            solver=self.name,
+            max_iter=max_iter,
+        )
+        return FixedPointResult(value=value, stats=stats)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class FixedPointIteration(IterativeSolver):
+    """Plain (Picard) iteration ``z <- f(z)``.
+
+    For a pcDEQ map started in the nonnegative orthant the iterates stay there and converge
+    geometrically to the unique fixed point (monotonically from 0).
+    """
+
+    name = "fixed_point"
+
+    def step(
+        self, state: Any, z: torch.Tensor, fz: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, Any]:
+        return fz, state
+
+
+class _AndersonState:
+    """History and safeguard bookkeeping of :class:`AndersonAcceleration` (all per sample)."""
+
+    def __init__(self, z0: torch.Tensor, memory: int) -> None:
+        batch, n = z0.shape[0], z0[0].numel()
+        self.xs = z0.new_zeros(batch, memory, n)  # past iterates
+        self.fs = z0.new_zeros(batch, memory, n)  # their images
+        self.count = 0  # pairs stored so far (same for every sample)
+        # last accepted point's image and residual; whether the current iterate is an
+        # Anderson candidate (to be judged by its residual)
+        self.accepted_fz: torch.Tensor | None = None
+        self.accepted_residual: torch.Tensor | None = None
+        self.was_candidate = torch.zeros(batch, dtype=torch.bool, device=z0.device)
+
+
+class AndersonAcceleration(IterativeSolver):
+    """Safeguarded Anderson acceleration (type II, regularised least squares, per sample).
+
+    At each step the next iterate extrapolates the last ``memory`` pairs ``(z_i, f(z_i))``:
+    ``z+ = sum_i a_i (beta f(z_i) + (1 - beta) z_i)`` with ``sum a_i = 1`` minimising
+    ``||sum a_i (f(z_i) - z_i)||^2 + lam * s * ||a||^2`` (``s`` is the mean squared residual
+    norm of the history, so the ridge term is scale-free).
+
+    Safeguard (per sample), which keeps plain iteration's convergence guarantee:
+
+    * if the plain step ``f(z)`` lies in the nonnegative orthant but the extrapolated point
+      leaves it, the plain step is taken instead (where the plain step itself has negative
+      entries, as in the signed adjoint problem, the orthant test does not apply);
+    * an extrapolated point whose residual exceeds the residual of the last accepted point
+      is rejected: the solver returns to that point and takes the plain step from it;
+    * a singular or non-finite least-squares solution falls back to the plain step.
+
+    Hence iterates stay nonnegative on pcDEQ maps and, at worst, the solver performs plain
+    iteration at half speed.
+
+    Args:
+        memory: Number of past pairs used (>= 1); ``max_iter < memory`` is fine.
+        beta: Mixing parameter in ``(0, 1]``; ``1`` extrapolates the images only.
+        lam: Relative ridge regularisation (>= 0) of the least-squares problem.
+    """
+
+    name = "anderson"
+    needs_residual = True
+
+    def __init__(self, memory: int = 5, beta: float = 1.0, lam: float = 1e-4) -> None:
+        if isinstance(memory, bool) or not (isinstance(memory, int) and memory >= 1):
+            raise ValueError(f"anderson: memory must be an integer >= 1, got {memory!r}")
+        if not (isinstance(beta, (int, float)) and 0 < beta <= 1):
+            raise ValueError(f"anderson: beta must be in (0, 1], got {beta!r}")
+        if not (isinstance(lam, (int, float)) and lam >= 0 and math.isfinite(lam)):
+            raise ValueError(f"anderson: lam must be a finite number >= 0, got {lam!r}")
+        self.memory = memory
+        self.beta = float(beta)
+        self.lam = float(lam)
+
+    def __repr__(self) -> str:
+        return f"AndersonAcceleration(memory={self.memory}, beta={self.beta}, lam={self.lam})"
+
+    def init(self, z0: torch.Tensor) -> _AndersonState:
+        return _AndersonState(z0, self.memory)
+
+    def _extrapolate(self, state: _AndersonState) -> tuple[torch.Tensor, torch.Tensor]:
+        """Anderson point of every sample (flat) and a per-sample validity mask."""
+        k = min(state.count, self.memory)
+        xs, fs = state.xs[:, :k], state.fs[:, :k]
+        # The k x k system is tiny: solve it in float64 for stability (MPS has no float64).
+        solve_dtype = torch.float32 if xs.device.type == "mps" else torch.float64
+        g = (fs - xs).to(solve_dtype)
+        gram = torch.bmm(g, g.transpose(1, 2))  # [B, k, k]
+        scale = gram.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(torch.finfo(solve_dtype).tiny)
+        batch = xs.shape[0]
+        h = gram.new_zeros(batch, k + 1, k + 1)
+        h[:, 0, 1:] = 1.0
+        h[:, 1:, 0] = 1.0
+        eye = torch.eye(k, dtype=solve_dtype, device=xs.device)
+        h[:, 1:, 1:] = gram + (self.lam * scale).view(-1, 1, 1) * eye
+        rhs = gram.new_zeros(batch, k + 1)
+        rhs[:, 0] = 1.0
+        sol, info = torch.linalg.solve_ex(h, rhs)  # never raises: failures are per sample
+        alpha = sol[:, 1:]
+        valid = (info == 0) & torch.isfinite(alpha).all(dim=1)
+        alpha = torch.where(valid.unsqueeze(1), alpha, torch.zeros_like(alpha)).to(xs.dtype)
+        mixed = fs if self.beta == 1.0 else self.beta * fs + (1.0 - self.beta) * xs
+        point = torch.bmm(alpha.unsqueeze(1), mixed).squeeze(1)
+        return point, valid
+
+    def step(
+        self,
+        state: _AndersonState,
+        z: torch.Tensor,
+        fz: torch.Tensor,
+        residual: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, _AndersonState]:
+        assert residual is not None
+        # 1. Judge the current iterate: a candidate that raised the residual is rejected.
+        if state.accepted_residual is None:
+            accept = torch.ones_like(state.was_candidate)
+            state.accepted_fz, state.accepted_residual = fz, residual
+        else:
+            accept = ~state.was_candidate | (residual <= state.accepted_residual)
+            state.accepted_fz = _batch_where(accept, fz, state.accepted_fz)
+            state.accepted_residual = torch.where(accept, residual, state.accepted_residual)
+        plain = state.accepted_fz  # plain step from the last accepted point
+        # 2. Remember the (genuine) pair (z, f(z)) in a circular buffer.
+        slot = state.count % self.memory
+        state.xs[:, slot] = z.flatten(1)
+        state.fs[:, slot] = fz.flatten(1)
+        state.count += 1
+        # 3. Extrapolate, then apply the orthant safeguard.
+        candidate, valid = self._extrapolate(state)
+        candidate = candidate.view_as(z)
+        flat_plain, flat_cand = plain.flatten(1), candidate.flatten(1)
+        plain_nonneg = (flat_plain >= 0).all(dim=1)
+        leaves_orthant = plain_nonneg & (flat_cand < 0).any(dim=1)
+        use = accept & valid & ~leaves_orthant & torch.isfinite(flat_cand).all(dim=1)
+        state.was_candidate = use
+        return _batch_where(use, candidate, plain), state
+
+
+_FIXED_POINT_OPTIONS: tuple[str, ...] = ()
+_ANDERSON_OPTIONS: tuple[str, ...] = ("memory", "beta", "lam")
+
+
+def _check_options(solver: str, options: dict[str, Any], valid: tuple[str, ...]) -> None:
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        choices = ", ".join(valid) if valid else "(none)"
+        raise TypeError(
+            f"unknown option(s) {unknown} for solver {solver!r}; valid options: {choices}"
+        )
+
+
+def make_fixed_point(**options: Any) -> FixedPointIteration:
+    """Factory of the ``fixed_point`` solver (it takes no options)."""
+    _check_options("fixed_point", options, _FIXED_POINT_OPTIONS)
+    return FixedPointIteration()
+
+
+def make_anderson(**options: Any) -> AndersonAcceleration:
+    """Factory of the ``anderson`` solver: options ``memory``, ``beta``, ``lam``."""
+    _check_options("anderson", options, _ANDERSON_OPTIONS)
+    return AndersonAcceleration(**options)
+
+
+@hookimpl
+def pcdeq_register_solvers() -> dict[str, SolverSpec]:
+    """The built-in solvers, registered through the same hook as any plugin's."""
+    return {
+        "fixed_point": SolverSpec(
+            "fixed_point",
+            make_fixed_point,
+            description="plain fixed-point (Picard) iteration with per-sample residuals",
+            keeps_nonnegative=True,
+        ),
+        "anderson": SolverSpec(
+            "anderson",
+            make_anderson,
+            description="safeguarded Anderson acceleration (options: memory, beta, lam)",
+            keeps_nonnegative=True,
+        ),
+    }
