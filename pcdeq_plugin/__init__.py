@@ -51,6 +51,8 @@ _LAZY: dict[str, str] = {
     "solve_implicit": "implicit",
     "register": "torchdeq_bridge",
     "add_pcdeq_args": "torchdeq_bridge",
+    "verify_activation": "activation_checks",
+    "ActivationCheckError": "activation_checks",
 }
 
 __all__ = [

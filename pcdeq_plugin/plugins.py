@@ -13,11 +13,18 @@
   ``PCDEQ_BLOCK_PLUGINS=a,b``
       entry-point plugins never to load;
   ``PCDEQ_STRICT_PLUGINS=1``
-      any plugin error raises :class:`PluginError` instead of a :class:`PluginWarning`.
+      any plugin error raises :class:`PluginError` instead of a :class:`PluginWarning`
+      (including a hook implementation whose name matches no hook specification, e.g. a
+      misspelt ``pcdeq_register_activation``).
+
+A built-in module that fails is a bug of this package, not a plugin problem: it always
+raises :class:`PluginError`. A load that raises leaves nothing half-registered behind, so
+the next registry lookup tries again from a clean state.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import os
 import threading
@@ -92,6 +99,8 @@ class _State:
         self.loaded = False
         self.loading = False
         self.records: list[PluginRecord] = []
+        # (plugin name, hook name) of unknown hooks already reported
+        self.reported_pending: set[tuple[str, str]] = set()
 
 
 _state = _State()
@@ -166,14 +175,44 @@ def _merge(plugin: object, record: PluginRecord, strict: bool) -> None:
 
 def _register(plugin: object, record: PluginRecord, strict: bool) -> None:
     manager = get_plugin_manager()
+    _state.records.append(record)
     try:
         manager.register(plugin, name=record.name)
     except Exception as exc:
         record.status = "failed"
         _report_problem(record, f"could not be registered: {type(exc).__name__}: {exc}", strict)
         return
-    _state.records.append(record)
     _merge(plugin, record, strict)
+
+
+def _check_pending(strict: bool) -> None:
+    """Report hook implementations that match no specification (usually a misspelt name).
+
+    Like ``PluginManager.check_pending()`` but reports every offender once, with the
+    closest valid hook name, instead of raising on the first one.
+    """
+    manager = get_plugin_manager()
+    for hook_name, caller in sorted(vars(manager.hook).items()):
+        if hook_name.startswith("_") or caller.has_spec():
+            continue
+        for impl in caller.get_hookimpls():
+            key = (impl.plugin_name, hook_name)
+            if impl.optionalhook or key in _state.reported_pending:
+                continue
+            _state.reported_pending.add(key)
+            record = next((r for r in _state.records if r.name == impl.plugin_name), None)
+            if record is None:  # pragma: no cover - every registered plugin has a record
+                record = PluginRecord(impl.plugin_name, "added")
+                _state.records.append(record)
+            record.status = "failed"
+            close = difflib.get_close_matches(hook_name, list(_HOOK_TARGETS), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            _report_problem(
+                record,
+                f"unknown hook {hook_name!r} (no such hook specification); {hint}"
+                f"the hooks are: {', '.join(_HOOK_TARGETS)}",
+                strict,
+            )
 
 
 def _entry_points() -> Iterable[metadata.EntryPoint]:
@@ -185,7 +224,19 @@ def _load_entry_points(strict: bool) -> None:
     allowed = _name_list(os.environ.get(ENV_ALLOW))
     blocked = _name_list(os.environ.get(ENV_BLOCK))
     seen: dict[str, str] = {}
-    for ep in _entry_points():
+    entry_points = list(_entry_points())
+    missing = sorted(allowed - {ep.name for ep in entry_points}) if disabled else []
+    if missing:
+        available = ", ".join(sorted({ep.name for ep in entry_points})) or "(none installed)"
+        record = PluginRecord(",".join(missing), "entry point", status="skipped")
+        _state.records.append(record)
+        _report_problem(
+            record,
+            f"{ENV_ALLOW} names plugin(s) {', '.join(missing)} that no installed distribution "
+            f"provides; available entry points: {available}",
+            strict,
+        )
+    for ep in entry_points:
         dist = getattr(getattr(ep, "dist", None), "name", "") or ""
         record = PluginRecord(ep.name, "entry point", distribution=dist)
         if ep.name in seen:
@@ -210,7 +261,9 @@ def _load_entry_points(strict: bool) -> None:
         except Exception as exc:
             record.status = "failed"
             _state.records.append(record)
-            _report_problem(record, f"failed to import {ep.value!r}: {type(exc).__name__}: {exc}", strict)
+            _report_problem(
+                record, f"failed to import {ep.value!r}: {type(exc).__name__}: {exc}", strict
+            )
             continue
         _register(plugin, record, strict)
 
@@ -229,17 +282,28 @@ def load_plugins(*, strict: bool | None = None) -> None:
         strict_mode = _strict(strict)
         try:
             for module_name in BUILTIN_MODULES:
-                module = importlib.import_module(module_name)
+                try:
+                    module = importlib.import_module(module_name)
+                except Exception as exc:
+                    raise PluginError(
+                        f"built-in module {module_name!r} failed to import: "
+                        f"{type(exc).__name__}: {exc}"
+                    ) from exc
                 _register(module, PluginRecord(module_name, "builtin"), strict=True)
             _load_entry_points(strict_mode)
-            if strict_mode:
-                get_plugin_manager().check_pending()
+            _check_pending(strict_mode)
             _state.loaded = True
+        except BaseException:
+            # leave no half-filled registry behind: the next lookup starts from scratch
+            _forget_everything()
+            raise
         finally:
             _state.loading = False
 
 
-def add_plugin(plugin: object, name: str | None = None, *, strict: bool | None = None) -> PluginRecord:
+def add_plugin(
+    plugin: object, name: str | None = None, *, strict: bool | None = None
+) -> PluginRecord:
     """Register a plugin module or object by hand (after loading the others).
 
     Returns:
@@ -254,7 +318,9 @@ def add_plugin(plugin: object, name: str | None = None, *, strict: bool | None =
             if existing is not None and get_plugin_manager().get_plugin(plugin_name) is plugin:
                 return existing  # idempotent
             raise PluginError(f"a different plugin is already registered as {plugin_name!r}")
-        _register(plugin, record, _strict(strict))
+        strict_mode = _strict(strict)
+        _register(plugin, record, strict_mode)
+        _check_pending(strict_mode)
         return record
 
 
@@ -272,19 +338,21 @@ def reset_plugins(*, loader: Callable[[], Iterable[metadata.EntryPoint]] | None 
     """
     global _entry_points
     with _state.lock:
-        manager = _state.manager
-        if manager is not None:
-            for plugin_name, plugin in list(manager.list_name_plugin()):
-                manager.unregister(plugin, name=plugin_name)
-        _state.manager = None
-        _state.loaded = False
-        _state.records = []
-        for registry in _HOOK_TARGETS.values():
-            registry._clear()
-        if loader is not None:
-            _entry_points = loader  # type: ignore[assignment]
-        else:
-            _entry_points = _default_entry_points  # type: ignore[assignment]
+        _forget_everything()
+        _entry_points = loader if loader is not None else _default_entry_points  # type: ignore[assignment]
+
+
+def _forget_everything() -> None:
+    manager = _state.manager
+    if manager is not None:
+        for plugin_name, plugin in list(manager.list_name_plugin()):
+            manager.unregister(plugin, name=plugin_name)
+    _state.manager = None
+    _state.loaded = False
+    _state.records = []
+    _state.reported_pending = set()
+    for registry in _HOOK_TARGETS.values():
+        registry._clear()
 
 
 _default_entry_points = _entry_points

@@ -8,7 +8,6 @@ twice raises :class:`DuplicateNameError` naming both providers.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar
@@ -83,9 +82,11 @@ class ActivationSpec:
             )
         if not callable(self.fn):
             raise TypeError(f"activation {self.name!r}: fn must be callable, got {self.fn!r}")
-        if not (self.upper_bound > 0 or math.isinf(self.upper_bound)):
+        # ``inf > 0`` holds, NaN and -inf fail: one comparison covers every case
+        if not (isinstance(self.upper_bound, (int, float)) and self.upper_bound > 0):
             raise ValueError(
-                f"activation {self.name!r}: upper_bound must be positive, got {self.upper_bound!r}"
+                f"activation {self.name!r}: upper_bound must be a positive number or math.inf, "
+                f"got {self.upper_bound!r}"
             )
 
     @property
@@ -172,11 +173,23 @@ T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    """A name -> spec mapping that fills itself from the plugins on first use."""
+    """A name -> spec mapping that fills itself from the plugins on first use.
 
-    def __init__(self, kind: str, validator: Callable[[T], None] | None = None) -> None:
+    Args:
+        kind: What the registry holds (``"activation"``, ``"model"``...), used in messages.
+        validator: Called on every spec before it is accepted; raises to refuse it.
+        spec_type: If given, every spec must be an instance of it.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        validator: Callable[[T], None] | None = None,
+        spec_type: type | None = None,
+    ) -> None:
         self.kind = kind
         self.validator = validator
+        self.spec_type = spec_type
         self._items: dict[str, T] = {}
         self._providers: dict[str, str] = {}
 
@@ -186,18 +199,32 @@ class Registry(Generic[T]):
 
         load_plugins()
 
-    def register(self, name: str, spec: T, *, provider: str = "user", overwrite: bool = False) -> None:
+    def register(
+        self, name: str, spec: T, *, provider: str = "user", overwrite: bool = False
+    ) -> None:
         """Add ``spec`` under ``name``.
+
+        The plugins are loaded first (unless they are loading right now), so a name taken
+        by a built-in or a plugin is reported here rather than breaking the lazy load later.
 
         Raises:
             DuplicateNameError: ``name`` is taken and ``overwrite`` is false.
+            TypeError: ``spec`` is not of the registry's spec type.
             ValueError: the validator refused the spec (e.g. a non-concave activation).
         """
+        self._ensure_loaded()
         if not isinstance(name, str) or not name:
             raise ValueError(f"{self.kind} names must be non-empty strings, got {name!r}")
+        if self.spec_type is not None and not isinstance(spec, self.spec_type):
+            raise TypeError(
+                f"{self.kind} {name!r} must be registered as a {self.spec_type.__name__}, "
+                f"got {type(spec).__name__}"
+            )
         spec_name = getattr(spec, "name", name)
         if spec_name != name:
-            raise ValueError(f"{self.kind} registered as {name!r} but its spec is named {spec_name!r}")
+            raise ValueError(
+                f"{self.kind} registered as {name!r} but its spec is named {spec_name!r}"
+            )
         if name in self._items and not overwrite:
             raise DuplicateNameError(
                 f"{self.kind} {name!r} is provided by both {self._providers[name]!r} and "
@@ -223,7 +250,9 @@ class Registry(Generic[T]):
             return self._items[name]
         except (KeyError, TypeError):
             available = ", ".join(sorted(self._items)) or "(none registered)"
-            raise UnknownNameError(f"unknown {self.kind} {name!r}; available: {available}") from None
+            raise UnknownNameError(
+                f"unknown {self.kind} {name!r}; available: {available}"
+            ) from None
 
     def provider(self, name: str) -> str:
         self.get(name)
@@ -252,10 +281,12 @@ def _validate_activation(spec: ActivationSpec) -> None:
     verify_activation(spec)
 
 
-ACTIVATIONS: Registry[ActivationSpec] = Registry("activation", validator=_validate_activation)
-SOLVERS: Registry[SolverSpec] = Registry("solver")
-MODELS: Registry[ModelSpec] = Registry("model")
-DATASETS: Registry[DatasetSpec] = Registry("dataset")
+ACTIVATIONS: Registry[ActivationSpec] = Registry(
+    "activation", validator=_validate_activation, spec_type=ActivationSpec
+)
+SOLVERS: Registry[SolverSpec] = Registry("solver", spec_type=SolverSpec)
+MODELS: Registry[ModelSpec] = Registry("model", spec_type=ModelSpec)
+DATASETS: Registry[DatasetSpec] = Registry("dataset", spec_type=DatasetSpec)
 
 
 def get_activation(name: str) -> ActivationSpec:
@@ -293,7 +324,9 @@ def build_model(
     if preset is not None:
         if preset not in spec.presets:
             available = ", ".join(sorted(spec.presets)) or "(none)"
-            raise UnknownNameError(f"model {name!r} has no preset {preset!r}; available: {available}")
+            raise UnknownNameError(
+                f"model {name!r} has no preset {preset!r}; available: {available}"
+            )
         options.update(spec.presets[preset])
     options.update(overrides)
     if len(tuple(input_shape)) != 3:
