@@ -1,0 +1,351 @@
+"""``pcdeq-bench``: list, train, eval, compare, report.
+
+Examples::
+
+    pcdeq-bench list
+    pcdeq-bench train --model pcdeq-linear-1 --preset small --epochs 2 --out runs/lin1
+    pcdeq-bench train --out runs/lin1 --resume --epochs 4
+    pcdeq-bench eval runs/lin1/best.pt
+    pcdeq-bench compare                      # the README's head-to-head on mnist5k
+    pcdeq-bench report results/compare
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["build_parser", "main"]
+
+
+def _option(text: str) -> tuple[str, Any]:
+    """``key=value`` with the value read as JSON when it parses (``width=64``, ``act="tanh"``)."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key.strip(), value
+
+
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in _csv(text)]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from exc
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by train and compare. Defaults are ``None`` (= not given), so a
+    resumed run and the model's training presets are only overridden on purpose."""
+    g = p.add_argument_group("data")
+    g.add_argument("--data-dir", dest="data_dir", help="torchvision dataset root (default ./data)")
+    g.add_argument(
+        "--download",
+        action="store_true",
+        default=None,
+        help="download a missing torchvision dataset",
+    )
+    g.add_argument(
+        "--augment",
+        action="store_true",
+        default=None,
+        help="training augmentation (CIFAR-10 crop+flip)",
+    )
+    g.add_argument(
+        "--train-limit",
+        dest="train_limit",
+        type=int,
+        help="use a fixed subset of N training images",
+    )
+    g.add_argument(
+        "--test-limit", dest="test_limit", type=int, help="use a fixed subset of N test images"
+    )
+    g.add_argument("--workers", type=int, help="DataLoader worker processes (default 0)")
+    g = p.add_argument_group("optimisation (defaults: the model's presets, then AdamW as in pcDEQ)")
+    g.add_argument("--batch-size", dest="batch_size", type=int)
+    g.add_argument("--test-batch-size", dest="test_batch_size", type=int)
+    g.add_argument("--optimizer", choices=("adamw", "adam", "sgd"))
+    g.add_argument("--lr", type=float)
+    g.add_argument("--weight-decay", dest="weight_decay", type=float)
+    g.add_argument("--milestone", type=int, help="the one MultiStepLR milestone (0: none)")
+    g.add_argument("--gamma", type=float, help="lr factor at the milestone (default 0.1)")
+    g = p.add_argument_group("execution")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"))
+    g.add_argument("--amp", choices=("off", "bf16", "fp16"))
+    g.add_argument("--deterministic", action="store_true", default=None)
+    g.add_argument(
+        "--plugin",
+        dest="plugins",
+        action="append",
+        metavar="MODULE",
+        help="extra plugin module to load",
+    )
+    g.add_argument(
+        "--model-option", dest="model_options", action="append", type=_option, metavar="KEY=VALUE"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pcdeq-bench", description="Train and compare implicit models."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("list", help="registered models, activations, solvers, datasets and plugins")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--plugin", dest="plugins", action="append", metavar="MODULE")
+
+    p = sub.add_parser("train", help="train one model")
+    p.add_argument("--config", type=Path, help="JSON file of TrainConfig keys (flags override it)")
+    p.add_argument("--model")
+    p.add_argument("--preset", help="model preset, e.g. small, mnist, cifar10")
+    p.add_argument("--dataset", help="registered dataset (default mnist5k)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--out", dest="out_dir", help="run directory (checkpoints, metrics)")
+    p.add_argument("--resume", action="store_true", default=None, help="continue OUT/last.pt")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    _add_run_options(p)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint on a dataset")
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("--dataset", help="default: the dataset it was trained on")
+    p.add_argument("--data-dir", dest="data_dir")
+    p.add_argument("--download", action="store_true")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=256)
+    p.add_argument("--test-limit", dest="test_limit", type=int)
+    p.add_argument("--plugin", dest="plugins", action="append", metavar="MODULE")
+
+    p = sub.add_parser("compare", help="several models x several seeds -> tables and plots")
+    p.add_argument(
+        "--models", type=_csv, help="comma-separated model names (default: the README's six)"
+    )
+    p.add_argument("--seeds", type=_int_list, help="comma-separated seeds (default 0,1)")
+    p.add_argument("--dataset", default="mnist5k")
+    p.add_argument(
+        "--preset",
+        default="small",
+        help="model preset used where a model has it ('none': defaults)",
+    )
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--out", dest="out_dir", default="results/compare")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="reuse finished runs in --out, resume interrupted ones",
+    )
+    p.add_argument(
+        "--in-process", action="store_true", help="run everything in this process (no isolation)"
+    )
+    p.add_argument("--no-plots", action="store_true")
+    _add_run_options(p)
+
+    p = sub.add_parser("report", help="re-render tables and plots from a results directory")
+    p.add_argument("results_dir", type=Path)
+    p.add_argument("--no-plots", action="store_true")
+    return parser
+
+
+def _given(args: argparse.Namespace, keys: Sequence[str]) -> dict[str, Any]:
+    out = {}
+    for key in keys:
+        value = getattr(args, key, None)
+        if value is not None:
+            out[key] = value
+    if "model_options" in out:
+        out["model_options"] = dict(out["model_options"])
+    return out
+
+
+_RUN_KEYS = (
+    "data_dir", "download", "augment", "train_limit", "test_limit", "workers", "batch_size",
+    "test_batch_size", "optimizer", "lr", "weight_decay", "milestone", "gamma", "device", "amp",
+    "deterministic", "plugins", "model_options",
+)  # fmt: skip
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    import pcdeq_plugin as pc
+    from pcdeq_plugin.registry import ACTIVATIONS, DATASETS, MODELS, SOLVERS
+
+    from .datasets import ensure_registered
+    from .train import load_plugins_from_config
+
+    load_plugins_from_config(args.plugins or [])
+    ensure_registered()
+    data = {
+        "models": {n: {"family": s.family, "presets": sorted(s.presets), "description": s.description} for n, s in MODELS.items()},
+        "activations": {n: {"kind": s.kind, "description": s.description} for n, s in ACTIVATIONS.items()},
+        "solvers": {n: {"description": s.description} for n, s in SOLVERS.items()},
+        "datasets": {n: {"shape": list(s.input_shape), "classes": s.num_classes, "description": s.description} for n, s in DATASETS.items()},
+        "plugins": [
+            {"name": r.name, "source": r.source, "distribution": r.distribution, "status": r.status,
+             "errors": r.errors, "provides": r.provides}
+            for r in pc.plugin_report()
+        ],
+    }  # fmt: skip
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    for section in ("models", "activations", "solvers", "datasets"):
+        print(f"{section}:")
+        for name, entry in data[section].items():
+            extra = ""
+            if section == "models":
+                extra = f" [{entry['family']}; presets: {', '.join(entry['presets']) or '-'}]"
+            elif section == "activations":
+                extra = f" [{entry['kind']}]"
+            elif section == "datasets":
+                extra = f" [{'x'.join(map(str, entry['shape']))}, {entry['classes']} classes]"
+            print(f"  {name}{extra}  {entry['description']}".rstrip())
+    print("plugins:")
+    for record in data["plugins"]:
+        where = f" ({record['distribution']})" if record["distribution"] else ""
+        print(f"  {record['name']}{where}: {record['status']} [{record['source']}]")
+        for error in record["errors"]:
+            print(f"      error: {error}")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .train import run
+
+    config: dict[str, Any] = {}
+    if args.config is not None:
+        try:
+            config = json.loads(args.config.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise _UsageError(f"cannot read --config {args.config}: {exc}") from exc
+        if not isinstance(config, dict):
+            raise _UsageError(f"--config {args.config} must hold a JSON object of config keys")
+    config.update(
+        _given(
+            args,
+            (
+                "model",
+                "preset",
+                "dataset",
+                "epochs",
+                "seed",
+                "out_dir",
+                "resume",
+                "progress",
+                *_RUN_KEYS,
+            ),
+        )
+    )
+    summary = run(config)
+    slim = {k: v for k, v in summary.items() if k not in ("history", "config")}
+    print(json.dumps(slim, indent=2))
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_checkpoint
+
+    result = evaluate_checkpoint(
+        args.checkpoint,
+        dataset=args.dataset,
+        data_dir=args.data_dir,
+        download=args.download,
+        device=args.device,
+        batch_size=args.batch_size,
+        limit=args.test_limit,
+        plugins=args.plugins or [],
+    )
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import compare
+
+    options = _given(args, _RUN_KEYS)
+    report = compare(
+        args.models,
+        args.seeds,
+        out_dir=args.out_dir,
+        dataset=args.dataset,
+        preset=None if args.preset == "none" else args.preset,
+        epochs=args.epochs,
+        isolate=not args.in_process,
+        resume=args.resume,
+        plots=not args.no_plots,
+        log=lambda msg: print(msg, file=sys.stderr, flush=True),
+        **options,
+    )
+    print(report["markdown"])
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    report = write_report(args.results_dir, plots=not args.no_plots)
+    print(report["markdown"])
+    return 0
+
+
+class _UsageError(ValueError):
+    pass
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point; returns the exit status (2: bad input, 1: a run failed, 130: Ctrl-C)."""
+    args = build_parser().parse_args(argv)
+    from pcdeq_plugin import PluginError, UnknownNameError
+
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .datasets import DatasetNotFoundError
+
+    handlers = {
+        "list": _cmd_list,
+        "train": _cmd_train,
+        "eval": _cmd_eval,
+        "compare": _cmd_compare,
+        "report": _cmd_report,
+    }
+    try:
+        return handlers[args.command](args)
+    except (
+        ConfigError,
+        UnknownNameError,
+        DatasetNotFoundError,
+        CheckpointError,
+        PluginError,
+        _UsageError,
+        FileNotFoundError,
+    ) as exc:
+        print(f"pcdeq-bench {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        hint = ""
+        if args.command == "train" and getattr(args, "out_dir", None):
+            hint = f"; continue with: pcdeq-bench train --out {args.out_dir} --resume"
+        print(
+            f"pcdeq-bench {args.command}: interrupted, checkpoint and metrics so far kept{hint}",
+            file=sys.stderr,
+        )
+        return 130
+    except Exception as exc:
+        print(f"pcdeq-bench {args.command}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

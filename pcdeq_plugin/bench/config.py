@@ -1,0 +1,227 @@
+"""The training configuration: one flat, plain-data record shared by the CLI and ``run``.
+
+Precedence when a run starts: harness defaults < the model's ``ModelSpec.training``
+recommendations < the checkpoint's config (``resume``) < what the caller gave.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "AMP_MODES",
+    "DEVICES",
+    "RESUMABLE_OVERRIDES",
+    "TRAINING_KEYS",
+    "ConfigError",
+    "TrainConfig",
+]
+
+DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda", "mps")
+AMP_MODES: tuple[str, ...] = ("off", "bf16", "fp16")
+OPTIMIZERS: tuple[str, ...] = ("adamw", "adam", "sgd")
+
+# Keys of ``ModelSpec.training`` the harness applies (others are shown, not applied).
+TRAINING_KEYS: tuple[str, ...] = (
+    "lr",
+    "weight_decay",
+    "batch_size",
+    "epochs",
+    "milestone",
+    "gamma",
+    "optimizer",
+)
+
+# What may differ between a checkpoint and the resumed run; anything else must match so
+# the resumed run is the same experiment.
+RESUMABLE_OVERRIDES: frozenset[str] = frozenset(
+    {
+        "epochs",
+        "device",
+        "workers",
+        "progress",
+        "out_dir",
+        "resume",
+        "data_dir",
+        "download",
+        "plugins",
+        "test_batch_size",
+    }
+)
+
+
+class ConfigError(ValueError):
+    """A configuration the harness cannot run; the message says what to change."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs, as plain data (JSON- and checkpoint-safe).
+
+    Attributes:
+        model: Registered model name (``pcdeq-bench list``).
+        preset: Model preset (e.g. ``"small"``, ``"mnist"``); ``None`` uses the factory defaults.
+        model_options: Extra keyword overrides for the model factory.
+        dataset: Registered dataset name (``mnist5k`` is embedded and offline).
+        data_dir: Where torchvision datasets live (or are downloaded to).
+        download: Let torchvision download a missing dataset.
+        augment: Training augmentation (CIFAR-10: random crop, padding 4, horizontal flip).
+        train_limit: Use only this many training images (a fixed, seeded subset).
+        test_limit: Use only this many test images (a fixed, seeded subset).
+        epochs: Number of epochs.
+        batch_size: Training batch size (per process under DDP).
+        test_batch_size: Evaluation batch size; ``None`` reuses ``batch_size``.
+        optimizer: ``adamw`` (the pcDEQ scripts), ``adam`` or ``sgd``.
+        lr: Learning rate.
+        weight_decay: Weight decay.
+        milestone: The one MultiStepLR milestone (epoch); ``None`` picks ``round(0.75*epochs)``
+            (40 -> 30 as in the pcDEQ MNIST script), ``0`` disables the decay.
+        gamma: Learning-rate factor at the milestone.
+        seed: Seed of weights, data order and augmentation.
+        deterministic: ``torch.use_deterministic_algorithms(True)`` and friends.
+        device: ``auto``, ``cpu``, ``cuda`` or ``mps``.
+        amp: Mixed precision: ``off``, ``bf16`` or ``fp16`` (fp16 uses a GradScaler on CUDA).
+        workers: DataLoader worker processes.
+        out_dir: Run directory (checkpoints, metrics); ``None`` writes nothing.
+        resume: Continue from ``out_dir/last.pt``.
+        progress: Show tqdm bars (``None``: only on a terminal).
+        plugins: Extra plugin modules to add by import path (``pkg.module``).
+    """
+
+    model: str = "pcdeq-linear-1"
+    preset: str | None = None
+    model_options: dict[str, Any] = field(default_factory=dict)
+    dataset: str = "mnist5k"
+    data_dir: str = "./data"
+    download: bool = False
+    augment: bool = False
+    train_limit: int | None = None
+    test_limit: int | None = None
+    epochs: int = 10
+    batch_size: int = 64
+    test_batch_size: int | None = None
+    optimizer: str = "adamw"
+    lr: float = 5e-4
+    weight_decay: float = 1.5e-2
+    milestone: int | None = None
+    gamma: float = 0.1
+    seed: int = 0
+    deterministic: bool = False
+    device: str = "auto"
+    amp: str = "off"
+    workers: int = 0
+    out_dir: str | None = None
+    resume: bool = False
+    progress: bool | None = None
+    plugins: list[str] = field(default_factory=list)
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def check_keys(cls, config: dict[str, Any]) -> None:
+        """Raise :class:`ConfigError` naming any unknown key and listing the valid ones."""
+        unknown = sorted(set(config) - set(cls.keys()))
+        if unknown:
+            raise ConfigError(
+                f"unknown config key(s) {', '.join(map(repr, unknown))}; "
+                f"valid keys: {', '.join(cls.keys())}"
+            )
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any]) -> TrainConfig:
+        cls.check_keys(config)
+        made = cls(**config)
+        made.validate()
+        return made
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def effective_milestone(self) -> int | None:
+        if self.milestone is None:
+            mark = round(0.75 * self.epochs)
+            return mark if 0 < mark < self.epochs else None
+        return self.milestone if self.milestone > 0 else None
+
+    def validate(self) -> None:
+        """Check types and ranges; every message names the key and the valid choices."""
+
+        def need(condition: bool, message: str) -> None:
+            if not condition:
+                raise ConfigError(message)
+
+        need(
+            isinstance(self.model, str) and bool(self.model),
+            f"model must be a name, got {self.model!r}",
+        )
+        need(
+            isinstance(self.dataset, str) and bool(self.dataset),
+            f"dataset must be a name, got {self.dataset!r}",
+        )
+        need(
+            isinstance(self.model_options, dict),
+            "model_options must be a dict of factory overrides",
+        )
+        need(
+            self.device in DEVICES,
+            f"unknown device {self.device!r}; choose one of {', '.join(DEVICES)}",
+        )
+        need(
+            self.amp in AMP_MODES,
+            f"unknown amp mode {self.amp!r}; choose one of {', '.join(AMP_MODES)}",
+        )
+        need(
+            self.optimizer in OPTIMIZERS,
+            f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}",
+        )
+        for key in ("epochs", "batch_size"):
+            value = getattr(self, key)
+            need(
+                isinstance(value, int) and value >= 1,
+                f"{key} must be an integer >= 1, got {value!r}",
+            )
+        for key in ("train_limit", "test_limit", "test_batch_size"):
+            value = getattr(self, key)
+            need(
+                value is None or (isinstance(value, int) and value >= 1),
+                f"{key} must be an integer >= 1 or None, got {value!r}",
+            )
+        need(
+            isinstance(self.workers, int) and self.workers >= 0,
+            f"workers must be >= 0, got {self.workers!r}",
+        )
+        need(isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}")
+        need(
+            isinstance(self.lr, (int, float)) and self.lr > 0,
+            f"lr must be positive, got {self.lr!r}",
+        )
+        need(
+            isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0,
+            f"weight_decay must be >= 0, got {self.weight_decay!r}",
+        )
+        need(
+            self.milestone is None or (isinstance(self.milestone, int) and self.milestone >= 0),
+            f"milestone must be an integer >= 0 or None, got {self.milestone!r}",
+        )
+        need(
+            isinstance(self.gamma, (int, float)) and 0 < self.gamma <= 1,
+            f"gamma must be in (0, 1], got {self.gamma!r}",
+        )
+        need(
+            isinstance(self.plugins, list) and all(isinstance(p, str) for p in self.plugins),
+            "plugins must be a list of module paths",
+        )
+        need(
+            not (self.resume and not self.out_dir),
+            "resume needs out_dir (the run directory to continue)",
+        )
+
+
+def defaults() -> dict[str, Any]:
+    """The harness defaults as a plain dict."""
+    return TrainConfig().to_dict()

@@ -1,0 +1,98 @@
+"""Tiny implicit models for the harness tests, added as a plugin module by import path.
+
+``bench-tiny-deq``: a contractive DEQ z = tanh(W z / (1 + ||W||) + U x) solved by plain
+iteration, one-step gradient, statistics in the common interface. ``bench-crash``: raises
+in forward (a model that crashes). Both are registered through the ``pcdeq`` hooks.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from pcdeq_plugin import BlockStats, ImplicitBlock, ImplicitModel, ModelSpec, SolveStats, hookimpl
+
+
+class _TinyBlock(ImplicitBlock):
+    def __init__(self, width: int, max_iter: int = 30, tol: float = 1e-4) -> None:
+        super().__init__("tiny")
+        self.weight = nn.Parameter(torch.randn(width, width) / width)
+        self.max_iter, self.tol = max_iter, tol
+        self.steps_seen = 0
+
+    def _f(self, z: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        scale = 0.5 / (1.0 + self.weight.norm())
+        return torch.tanh(z @ (scale * self.weight).T + u)
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        tick = time.perf_counter()
+        z = torch.zeros_like(u)
+        iterations = 0
+        with torch.no_grad():
+            for iterations in range(1, self.max_iter + 1):  # noqa: B007
+                nxt = self._f(z, u)
+                residual = (nxt - z).norm(dim=1) / (nxt.norm(dim=1) + 1e-8)
+                z = nxt
+                if bool((residual < self.tol).all()):
+                    break
+        forward = SolveStats(
+            iterations, residual, residual < self.tol, time.perf_counter() - tick, solver="tiny"
+        )
+        self.last_stats = BlockStats(self.block_name, forward=forward)
+        z = self._f(z, u)  # one differentiable step
+        if z.requires_grad:
+
+            def record(grad: torch.Tensor) -> torch.Tensor:
+                ones = torch.ones(grad.shape[0], dtype=torch.bool)
+                self.last_stats.backward = SolveStats(
+                    1, torch.zeros(grad.shape[0]), ones, 0.0, solver="tiny"
+                )
+                return grad
+
+            z.register_hook(record)
+        return z
+
+    def after_optimizer_step(self) -> None:
+        self.steps_seen += 1
+
+
+class TinyDEQ(ImplicitModel):
+    family = "tiny"
+
+    def __init__(
+        self, input_shape: tuple[int, int, int], num_classes: int, width: int = 16
+    ) -> None:
+        super().__init__()
+        c, h, w = input_shape
+        self.inject = nn.Linear(c * h * w, width)
+        self.block = _TinyBlock(width)
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.block(self.inject(x.flatten(1))))
+
+
+class CrashModel(TinyDEQ):
+    family = "tiny"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("bench-crash always fails")
+
+
+@hookimpl
+def pcdeq_register_models() -> dict[str, ModelSpec]:
+    return {
+        "bench-tiny-deq": ModelSpec(
+            "bench-tiny-deq",
+            TinyDEQ,
+            "tiny",
+            "test model",
+            presets={"small": {"width": 8}},
+            training={"lr": 1e-3, "batch_size": 32},
+        ),
+        "bench-crash": ModelSpec(
+            "bench-crash", CrashModel, "tiny", "always crashes", presets={"small": {}}
+        ),
+    }
