@@ -173,7 +173,9 @@ def solve_implicit(
     if not z.requires_grad:
         return z  # nothing to differentiate (e.g. a fixed map): no hook needed
 
-    def adjoint_hook(grad: torch.Tensor) -> torch.Tensor:
+    def adjoint_hook(grad: torch.Tensor | None) -> torch.Tensor | None:
+        if grad is None:  # an undefined incoming gradient stays undefined
+            return None
         if torch.is_grad_enabled():
             raise RuntimeError(
                 f"{block}: double backward (create_graph=True) through an implicit solve is "
