@@ -46,7 +46,7 @@ from .runtime import (
     set_rng_state,
 )
 
-__all__ = ["evaluate", "load_plugins_from_config", "resolve_config", "run"]
+__all__ = ["evaluate", "load_plugins_from_config", "resolve_config", "run", "training_recipe"]
 
 LAST = "last.pt"
 BEST = "best.pt"
@@ -62,6 +62,22 @@ def load_plugins_from_config(modules: list[str]) -> None:
         except ImportError as exc:
             raise ConfigError(f"cannot import plugin module {module_name!r}: {exc}") from exc
         add_plugin(module, module_name)
+
+
+def training_recipe(training: dict[str, Any], dataset: str) -> dict[str, Any]:
+    """The harness keys of a ``ModelSpec.training`` mapping, for ``dataset``.
+
+    Understands ``milestones: [m]`` (one milestone, as in the pcDEQ scripts) and a
+    ``per_dataset: {name: {...}}`` table whose entry for ``dataset`` wins.
+    """
+    flat = dict(training)
+    per_dataset = flat.pop("per_dataset", None)
+    if isinstance(per_dataset, dict) and isinstance(per_dataset.get(dataset), dict):
+        flat.update(per_dataset[dataset])
+    milestones = flat.pop("milestones", None)
+    if "milestone" not in flat and isinstance(milestones, (list, tuple)) and len(milestones) == 1:
+        flat["milestone"] = int(milestones[0])
+    return {k: v for k, v in flat.items() if k in TRAINING_KEYS}
 
 
 def resolve_config(given: dict[str, Any]) -> tuple[TrainConfig, dict[str, Any] | None]:
@@ -94,7 +110,10 @@ def resolve_config(given: dict[str, Any]) -> tuple[TrainConfig, dict[str, Any] |
         merged.update(saved)
     else:
         spec = MODELS.get(given.get("model", merged["model"]))
-        merged.update({k: v for k, v in spec.training.items() if k in TRAINING_KEYS})
+        recipe = training_recipe(spec.training, given.get("dataset", merged["dataset"]))
+        if "epochs" in given and "milestone" not in given:
+            recipe.pop("milestone", None)  # the recipe's milestone belongs to its epoch count
+        merged.update(recipe)
     merged.update(given)
     config = TrainConfig.from_dict(merged)
     MODELS.get(config.model)  # unknown model -> UnknownNameError listing the names
