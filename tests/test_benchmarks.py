@@ -1,0 +1,51 @@
+"""Smoke tests of the benchmark scripts in ``benchmarks/`` (tiny settings; no timing asserts)."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_script(name: str) -> ModuleType:
+    path = BENCHMARKS / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_bench_pcdeq_prints_a_table_for_each_model_and_solver(capsys):
+    bench = load_script("bench_pcdeq")
+    models = ["pcdeq-linear-1", "pcdeq-multi-conv-2"]
+    rows = bench.main(["--repeats", "1", "--batch", "2", "--models", ",".join(models)])
+    out = capsys.readouterr().out
+    assert "os.cpu_count()=" in out and "torch " in out
+    assert "| model | solver | blocks | fwd ms | fwd+bwd ms | fwd iter | bwd iter |" in out
+    assert [(r["model"], r["solver"]) for r in rows] == [
+        (m, s) for m in models for s in ("fixed_point", "anderson")
+    ]
+    for row in rows:
+        assert f"| {row['model']} | {row['solver']} |" in out
+        assert row["fwd_ms"] > 0 and row["fwd_bwd_ms"] > 0
+        assert row["fwd_iter"] >= row["blocks"] and row["bwd_iter"] >= row["blocks"]
+        assert math.isfinite(row["fwd_ratio"]) and row["fwd_ratio"] > 0
+    assert {r["blocks"] for r in rows} == {1, 3}
+
+
+def test_bench_pcdeq_rejects_unknown_names(capsys):
+    bench = load_script("bench_pcdeq")
+    with pytest.raises(SystemExit):
+        bench.main(["--models", "pcdeq-linear-3"])
+    err = capsys.readouterr().err
+    assert "unknown model(s) ['pcdeq-linear-3']; available:" in err and "pcdeq-linear-1" in err
+    with pytest.raises(SystemExit):
+        bench.main(["--solvers", "broyden"])
+    assert "unknown solver(s) ['broyden']" in capsys.readouterr().err
