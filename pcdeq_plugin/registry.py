@@ -217,7 +217,7 @@ class Registry(Generic[T]):
             raise ValueError(f"{self.kind} names must be non-empty strings, got {name!r}")
         if self.spec_type is not None and not isinstance(spec, self.spec_type):
             raise TypeError(
-                f"{self.kind} {name!r} must be registered as a {self.spec_type.__name__}, "
+                f"{self.kind} {name!r} must be an instance of {self.spec_type.__name__}, "
                 f"got {type(spec).__name__}"
             )
         spec_name = getattr(spec, "name", name)

@@ -216,7 +216,8 @@ def test_bad_return_values_are_reported(make_dist) -> None:
     text = " ".join(str(w.message) for w in caught)
     assert "pcdeq_register_solvers() must return a dict {name: spec}, got list" in text
     assert (
-        "model 'not-a-spec' refused: model 'not-a-spec' must be registered as a ModelSpec" in text
+        "model 'not-a-spec' refused: model 'not-a-spec' must be an instance of ModelSpec, got object"
+        in text
     )
     assert "not-a-spec" not in pcdeq_plugin.list_models()
 
