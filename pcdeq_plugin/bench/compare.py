@@ -1,8 +1,9 @@
 """``compare``: several models x several seeds through the one harness, then one report.
 
-Each run executes in its own Python process by default, so one model that crashes (or
-exhausts memory) cannot take the others down, and the CPU peak-memory column (the
-process's RSS high-water mark) belongs to that run alone.
+By default every model trains (all its seeds, one after the other) in its own Python
+process, so a model that crashes or exhausts memory cannot take the others down, and the
+CPU peak-memory column (the process's RSS high-water mark) belongs to that model alone.
+Within a process, an exception in one run is recorded and the next seed still runs.
 """
 
 from __future__ import annotations
@@ -49,32 +50,48 @@ def _model_info(model: str, preset: str | None) -> dict[str, Any]:
     return {"status": "registered", "family": spec.family, "preset": used, "note": note}
 
 
-def _run_subprocess(config: dict[str, Any], run_dir: Path) -> str | None:
-    """Train in a child process; ``None`` on success, else the error text."""
-    config_path = run_dir / "run_config.json"
-    config_path.write_text(json.dumps(config, indent=2))
+def _run_one(config: dict[str, Any]) -> str | None:
+    """Train one run in this process; ``None`` on success, else the error text."""
+    try:
+        run(config)
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:  # one model's crash must not stop the others
+        error = f"{type(exc).__name__}: {exc}"
+        run_dir = Path(config["out_dir"])
+        if not (run_dir / "summary.json").is_file():
+            (run_dir / "error.txt").write_text(error)
+        return error
+    return None
+
+
+def _run_isolated(model_dir: Path, configs: list[dict[str, Any]]) -> str | None:
+    """All seeds of one model in one child process (one torch start-up per model, and a
+    crash or out-of-memory kill cannot reach the other models). Returns the child's
+    stderr tail when it died, ``None`` when it exited normally."""
+    batch = model_dir / "batch.json"
+    batch.write_text(json.dumps(configs, indent=2))
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
-    command = [
-        sys.executable,
-        "-m",
-        "pcdeq_plugin.bench.cli",
-        "train",
-        "--config",
-        str(config_path),
-    ]
+    command = [sys.executable, "-m", "pcdeq_plugin.bench.compare", str(batch)]
     done = subprocess.run(
         command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
     if done.returncode == 0:
         return None
+    return f"worker exit code {done.returncode}: {done.stderr.strip()[-_STDERR_TAIL:]}"
+
+
+def _run_error(run_dir: Path, worker_error: str | None) -> str | None:
+    """What went wrong in one run, from the files it left (``None``: it finished)."""
     summary = run_dir / "summary.json"
     if summary.is_file():
-        error = json.loads(summary.read_text()).get("error")
-        if error:
-            return str(error)
-    tail = done.stderr.strip()[-_STDERR_TAIL:]
-    return f"exit code {done.returncode}: {tail}"
+        data = json.loads(summary.read_text())
+        return None if data.get("status") == "ok" else str(data.get("error"))
+    error_file = run_dir / "error.txt"
+    if error_file.is_file():
+        return error_file.read_text()
+    return worker_error or "the run left no summary"
 
 
 def compare(
@@ -159,6 +176,7 @@ def compare(
         if info[model]["status"] != "registered":
             say(f"[compare] {model}: not registered -- reported in the table")
             continue
+        pending: list[dict[str, Any]] = []
         for seed in seeds:
             run_dir = out / "runs" / model / f"seed{seed}"
             summary_path = run_dir / "summary.json"
@@ -173,33 +191,36 @@ def compare(
                 # a failed earlier attempt: keep it for inspection, start this seed afresh
                 run_dir.rename(run_dir.with_name(f"seed{seed}.failed-{int(time.time())}"))
             run_dir.mkdir(parents=True, exist_ok=True)
-            config = {
-                **train_options,
-                "model": model,
-                "preset": info[model]["preset"],
-                "dataset": dataset,
-                "epochs": epochs,
-                "seed": seed,
-                "out_dir": str(run_dir),
-                "resume": bool(resume and (run_dir / "last.pt").is_file()),
-                "progress": False,
-            }
-            tick = time.perf_counter()
-            error = None
-            if isolate:
-                error = _run_subprocess(config, run_dir)
-            else:
-                try:
-                    run(config)
-                except KeyboardInterrupt:
-                    raise
-                except Exception as exc:  # one model's crash must not stop the others
-                    error = f"{type(exc).__name__}: {exc}"
-            if error is not None and not summary_path.is_file():
-                plan["failures"].setdefault(model, {})[str(seed)] = error
-                write_json(out / PLAN, plan)
+            pending.append(
+                {
+                    **train_options,
+                    "model": model,
+                    "preset": info[model]["preset"],
+                    "dataset": dataset,
+                    "epochs": epochs,
+                    "seed": seed,
+                    "out_dir": str(run_dir),
+                    "resume": bool(resume and (run_dir / "last.pt").is_file()),
+                    "progress": False,
+                }
+            )
+        if not pending:
+            continue
+        tick = time.perf_counter()
+        worker_error = None
+        if isolate:
+            worker_error = _run_isolated(out / "runs" / model, pending)
+        else:
+            for config in pending:
+                _run_one(config)
+        for config in pending:
+            error = _run_error(Path(config["out_dir"]), worker_error)
+            if error is not None and not (Path(config["out_dir"]) / "summary.json").is_file():
+                plan["failures"].setdefault(model, {})[str(config["seed"])] = error
             status = "ok" if error is None else f"FAILED ({error.splitlines()[0][:200]})"
-            say(f"[compare] {model} seed {seed}: {status} in {time.perf_counter() - tick:.1f}s")
+            say(f"[compare] {model} seed {config['seed']}: {status}")
+        say(f"[compare] {model}: {len(pending)} run(s) in {time.perf_counter() - tick:.1f}s")
+        write_json(out / PLAN, plan)
     plan["wall_seconds"] = time.perf_counter() - started
     write_json(out / PLAN, plan)
     report = write_report(out, plots=plots)
@@ -207,3 +228,20 @@ def compare(
         f"[compare] wrote {out / 'compare.md'} and {out / 'compare.json'} in {plan['wall_seconds']:.0f}s"
     )
     return report
+
+
+def _worker_main(argv: list[str]) -> int:
+    """``python -m pcdeq_plugin.bench.compare BATCH.json``: run the listed configs in order."""
+    configs = json.loads(Path(argv[0]).read_text())
+    for config in configs:
+        error = _run_one(config)
+        if error is not None:
+            print(
+                f"[compare worker] {config['model']} seed {config['seed']}: {error}",
+                file=sys.stderr,
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_worker_main(sys.argv[1:]))

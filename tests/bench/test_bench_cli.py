@@ -1,0 +1,97 @@
+"""The pcdeq-bench command line, called in-process through ``main(argv)``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pcdeq_plugin.bench.cli import build_parser, main
+
+
+def test_list_shows_every_registry_and_the_plugins(tiny_plugin: str, capsys) -> None:
+    assert main(["list", "--plugin", tiny_plugin]) == 0
+    text = capsys.readouterr().out
+    for section in ("models:", "activations:", "solvers:", "datasets:", "plugins:"):
+        assert section in text
+    assert "bench-tiny-deq [tiny; presets: small]" in text
+    assert "mnist5k [1x28x28, 10 classes]" in text and "cifar10-aug" in text
+    assert "pcdeq_plugin.bench.datasets: loaded" in text
+    assert main(["list", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert {"models", "activations", "solvers", "datasets", "plugins"} <= set(data)
+    assert "fixed_point" in data["solvers"] and "tanh" in data["activations"]
+    assert all({"name", "status", "errors"} <= set(p) for p in data["plugins"])
+
+
+def _train_args(tiny_plugin: str, out: Path, *extra: str) -> list[str]:
+    return [
+        "train", "--plugin", tiny_plugin, "--model", "bench-tiny-deq", "--preset", "small",
+        "--epochs", "1", "--train-limit", "64", "--test-limit", "32", "--batch-size", "32",
+        "--device", "cpu", "--no-progress", "--out", str(out), *extra,
+    ]  # fmt: skip
+
+
+def test_train_eval_report_round_trip(tiny_plugin: str, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    assert main(_train_args(tiny_plugin, out, "--model-option", "width=6")) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["status"] == "ok" and summary["params"] == 784 * 6 + 6 + 36 + 6 * 10 + 10
+    assert main(["train", "--out", str(out), "--resume", "--epochs", "2", "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["epochs_completed"] == 2
+    assert main(["eval", str(out / "best.pt"), "--test-limit", "50", "--device", "cpu"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["images"] == 50 and 0 <= result["test_acc"] <= 1 and result["trained_epochs"] >= 1
+    assert main(["report", str(out), "--no-plots"]) == 0
+    assert "| bench-tiny-deq | tiny | small |" in capsys.readouterr().out
+
+
+def test_train_from_a_json_config_file(tiny_plugin: str, tmp_path: Path, capsys) -> None:
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"model": "bench-tiny-deq", "plugins": [tiny_plugin], "epochs": 1,
+                                  "train_limit": 32, "test_limit": 16, "progress": False}))  # fmt: skip
+    assert (
+        main(["train", "--config", str(config), "--batch-size", "16", "--out", str(tmp_path / "r")])
+        == 0
+    )
+    saved = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert saved["batch_size"] == 16 and saved["train_limit"] == 32
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "--model", "nope", "--no-progress"], "unknown model 'nope'; available:"),
+        (["train", "--dataset", "nope"], "unknown dataset 'nope'; available:"),
+        (["train", "--dataset", "svhn", "--data-dir", "{tmp}/none"], "--download"),
+        (["eval", "{tmp}/missing.pt"], "does not exist"),
+        (["report", "{tmp}"], "no summary.json"),
+        (["train", "--config", "{tmp}/absent.json"], "cannot read --config"),
+    ],
+)
+def test_bad_input_exits_2_with_a_clear_message(
+    tmp_path: Path, capsys, argv: list[str], message: str
+) -> None:
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "error:" in err
+
+
+def test_corrupt_checkpoint_via_cli(tiny_plugin: str, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    assert main(_train_args(tiny_plugin, out)) == 0
+    (out / "last.pt").write_bytes(b"garbage")
+    assert main(["train", "--out", str(out), "--resume"]) == 2
+    assert "corrupt" in capsys.readouterr().err
+    assert (out / "last.pt").read_bytes() == b"garbage"
+    assert main(["eval", str(out / "last.pt")]) == 2
+
+
+def test_parser_rejects_bad_choices(capsys) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--amp", "fp8"])
+    assert "invalid choice: 'fp8'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--model-option", "width"])
