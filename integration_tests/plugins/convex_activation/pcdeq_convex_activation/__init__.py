@@ -1,0 +1,1 @@
+"""Negative example: a pcdeq plugin offering a convex activation (see ``hooks.py``)."""

@@ -1,0 +1,1 @@
+"""Example pcdeq plugin adding one concave activation (see ``hooks.py``)."""
