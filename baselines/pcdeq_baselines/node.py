@@ -66,6 +66,7 @@ from pcdeq_plugin import (
 __all__ = [
     "ADAPTIVE_METHODS",
     "MODEL_SPECS",
+    "NONLINEARITIES",
     "ODE_METHODS",
     "ConvODEFunc",
     "NeuralODEClassifier",
@@ -91,6 +92,7 @@ ADAPTIVE_METHODS: tuple[str, ...] = tuple(
     n for n, cls in _TORCHDIFFEQ_SOLVERS.items() if _Adaptive and issubclass(cls, _Adaptive)
 ) or ("dopri8", "dopri5", "bosh3", "fehlberg2", "adaptive_heun")
 FAILURE_POLICIES: tuple[str, ...] = ("ignore", "warn", "raise")
+NONLINEARITIES = {"relu": F.relu, "softplus": F.softplus, "tanh": torch.tanh}
 
 # torchdiffeq reports failed solves with bare asserts (step limit, dt underflow, non-finite
 # state) and fixed-step iteration caps with RuntimeError.
@@ -120,12 +122,22 @@ class ConvODEFunc(nn.Module):
         channels: Channels of the ODE state (image channels plus augmented channels).
         hidden: Width of the two hidden convolutions.
         time_dependent: Give every convolution the time as an extra input channel.
+        nonlinearity: ``"relu"`` (the papers) or a smooth alternative, ``"softplus"`` (also
+            offered by the ANODE code) or ``"tanh"``. ReLU makes the dynamics non-smooth,
+            which costs adaptive solvers many steps at tight tolerances.
     """
 
-    def __init__(self, channels: int, hidden: int, *, time_dependent: bool = True) -> None:
+    def __init__(
+        self, channels: int, hidden: int, *, time_dependent: bool = True, nonlinearity: str = "relu"
+    ) -> None:
         super().__init__()
         if channels < 1 or hidden < 1:
             raise ValueError(f"channels and hidden must be >= 1, got {channels} and {hidden}")
+        if nonlinearity not in NONLINEARITIES:
+            raise ValueError(
+                f"unknown nonlinearity {nonlinearity!r}; available: {', '.join(NONLINEARITIES)}"
+            )
+        self.act = NONLINEARITIES[nonlinearity]
         self.time_dependent = time_dependent
         if time_dependent:
             self.conv1 = _TimeConv(channels, hidden, 1)
@@ -138,10 +150,10 @@ class ConvODEFunc(nn.Module):
 
     def forward(self, t: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         if self.time_dependent:
-            h = F.relu(self.conv1(t, h))
-            h = F.relu(self.conv2(t, h))
+            h = self.act(self.conv1(t, h))
+            h = self.act(self.conv2(t, h))
             return self.conv3(t, h)
-        return self.conv3(F.relu(self.conv2(F.relu(self.conv1(h)))))
+        return self.conv3(self.act(self.conv2(self.act(self.conv1(h)))))
 
 
 class _SolveRecord:
@@ -467,6 +479,7 @@ class NeuralODEClassifier(ImplicitModel):
         hidden: Width of the dynamics' hidden convolutions.
         augment_channels: Zero channels appended to the input (ANODE's ``p``).
         time_dependent: Time as an extra input channel of every convolution.
+        nonlinearity: Activation of the dynamics (``"relu"``, ``"softplus"``, ``"tanh"``).
         **solver_options: Keyword options of :class:`ODEBlock` (``method``, ``rtol``,
             ``atol``, ``adjoint``, ``max_num_steps``, ``ode_options``, ``on_failure``).
     """
@@ -479,6 +492,7 @@ class NeuralODEClassifier(ImplicitModel):
         hidden: int,
         augment_channels: int = 0,
         time_dependent: bool = True,
+        nonlinearity: str = "relu",
         **solver_options: Any,
     ) -> None:
         super().__init__()
@@ -491,7 +505,9 @@ class NeuralODEClassifier(ImplicitModel):
         self.input_shape = tuple(input_shape)
         self.augment_channels = augment_channels
         state_channels = channels + augment_channels
-        self.odefunc = ConvODEFunc(state_channels, hidden, time_dependent=time_dependent)
+        self.odefunc = ConvODEFunc(
+            state_channels, hidden, time_dependent=time_dependent, nonlinearity=nonlinearity
+        )
         self.block = ODEBlock(self.odefunc, **solver_options)
         self.head = nn.Linear(state_channels * height * width, num_classes)
 
@@ -518,7 +534,7 @@ def _build(
     overrides: dict[str, Any],
     model: str,
 ) -> NeuralODEClassifier:
-    valid = set(defaults) | set(_SOLVER_KEYS) | {"time_dependent", "t_end"}
+    valid = set(defaults) | set(_SOLVER_KEYS) | {"time_dependent", "nonlinearity", "t_end"}
     unknown = sorted(set(overrides) - valid)
     if unknown:
         raise TypeError(
