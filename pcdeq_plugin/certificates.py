@@ -15,6 +15,9 @@
     positive bounded activation, the weight-independent bound ``1 - sigma(0) / M``
     (``1/2`` for sigmoid).
 
+(The module is named ``certificates`` so that it does not shadow the public function
+``pcdeq_plugin.certify``.)
+
 Everything runs without gradients, in float64 by default, on copies of the block's tensors.
 """
 
