@@ -14,6 +14,7 @@ and ``"small"`` (size-reduced for quick CPU runs) override them.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -303,7 +304,7 @@ MODEL_SPECS: dict[str, ModelSpec] = {
         family="pcdeq",
         description=f"pcDEQ-{variant} {_DESCRIPTIONS[arch]}",
         presets=_presets(arch),
-        training=TRAINING,
+        training=copy.deepcopy(TRAINING),  # each spec owns its dict
     )
     for arch in _NETS
     for variant in (1, 2)
