@@ -21,6 +21,11 @@ What is registered (TorchDEQ 0.1.0 keeps process-global dicts with silent overwr
 * norm ``norm_name`` (default ``"pc_nonneg"``): :class:`PcNonnegNorm`, nonnegative
   recurrent weights through TorchDEQ's norm protocol (``apply_norm``/``reset_norm``/
   ``remove_norm``).
+* core ``name`` (default ``"pcdeq"``, optional for users): TorchDEQ's default ``DEQSliced``
+  core that starts every solve from the nonnegative orthant (it clamps ``z_init >= 0``, the
+  precondition of pcDEQ's convergence guarantee) and warns once when the forward solver is
+  an extrapolating one (``anderson``, ``broyden``) that may leave the orthant. Solver,
+  core and norm names live in separate TorchDEQ dicts, so sharing ``"pcdeq"`` is fine.
 
 :func:`register` is idempotent and thread-safe, recognises its own entries even after a
 module reload, refuses to replace an entry that is not ours (and TorchDEQ's built-ins
@@ -39,6 +44,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import threading
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -54,6 +60,7 @@ __all__ = [
     "add_pcdeq_args",
     "pcdeq_defaults",
     "pcdeq_deq_kwargs",
+    "pcdeq_core_class",
     "pcdeq_solver",
     "register",
 ]
@@ -67,7 +74,10 @@ DEFAULT_NORM_NAME = "pc_nonneg"
 TORCHDEQ_BUILTINS: dict[str, frozenset[str]] = {
     "solver": frozenset({"anderson", "broyden", "fixed_point_iter", "simple_fixed_point_iter"}),
     "norm": frozenset({"weight_norm", "spectral_norm", "none"}),
+    "core": frozenset({"sliced", "indexing"}),
 }
+# forward solvers whose extrapolation can leave the nonnegative orthant
+_ORTHANT_LEAVING = frozenset({"anderson", "broyden"})
 # Our own config keys (TorchDEQ's namespace is flat; ours all start with ``pc_``).
 PC_KEYS: dict[str, str] = {
     "pc_norm_param": "parametrization of pc_nonneg: " + " | ".join(PARAMETRIZATIONS),
@@ -97,6 +107,7 @@ def _torchdeq() -> Any:
     """Import TorchDEQ, or explain how to get it."""
     try:
         import torchdeq
+        import torchdeq.core
         import torchdeq.norm.base_norm
         import torchdeq.solver
         import torchdeq.solver.stat
@@ -393,6 +404,64 @@ setattr(PcNonnegNorm, _BRIDGE_MARK, True)
 
 
 # --------------------------------------------------------------------------------------
+# The optional core
+# --------------------------------------------------------------------------------------
+
+_CORE_CLASS: type | None = None
+
+
+def _clamp_nonnegative(z: Any) -> Any:
+    if isinstance(z, (tuple, list)):
+        return type(z)(_clamp_nonnegative(t) for t in z)
+    if not isinstance(z, torch.Tensor):
+        raise TypeError(
+            f"z_init must be a tensor or a tuple/list of tensors, got {type(z).__name__}"
+        )
+    return z.clamp_min(0.0)
+
+
+def pcdeq_core_class() -> type:
+    """The ``DEQSliced`` subclass registered as core ``'pcdeq'`` (built on first use)."""
+    global _CORE_CLASS
+    with _LOCK:
+        if _CORE_CLASS is not None:
+            return _CORE_CLASS
+        from torchdeq.core import DEQSliced
+
+        class PcDEQCore(DEQSliced):
+            """TorchDEQ's sliced core, started in the nonnegative orthant for pcDEQ maps.
+
+            ``forward(func, z_init, ...)`` clamps ``z_init`` (a tensor, or a tuple/list of
+            tensors) to ``>= 0`` and otherwise behaves exactly like ``DEQSliced``; the
+            initial state may also be passed as ``z_star=`` (the parent's parameter name).
+            """
+
+            __pcdeq_bridge__ = True
+
+            def __init__(self, args: Any = None, **kwargs: Any) -> None:
+                super().__init__(args, **kwargs)
+                solver = self.args.get("f_solver", "fixed_point_iter")
+                if solver in _ORTHANT_LEAVING:
+                    warnings.warn(
+                        f"core 'pcdeq' with f_solver={solver!r}: its extrapolation may leave "
+                        "the nonnegative orthant, where pcDEQ's convergence guarantee does not "
+                        "apply; prefer f_solver='pcdeq' (or 'fixed_point_iter')",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
+
+            def forward(self, func: Any, z_init: Any = None, *args: Any, **kwargs: Any) -> Any:
+                if z_init is None:
+                    z_init = kwargs.pop("z_star", None)
+                if z_init is None:
+                    raise TypeError("core 'pcdeq' needs an initial state: deq(func, z_init)")
+                return super().forward(func, _clamp_nonnegative(z_init), *args, **kwargs)
+
+        _CORE_CLASS = PcDEQCore
+        return PcDEQCore
+
+
+# --------------------------------------------------------------------------------------
 # Registration
 # --------------------------------------------------------------------------------------
 
@@ -428,18 +497,19 @@ def register(
     norm_name: str = DEFAULT_NORM_NAME,
     overwrite: bool = False,
 ) -> dict[str, str]:
-    """Register the pcDEQ solver and the nonnegativity norm into TorchDEQ.
+    """Register the pcDEQ solver, the nonnegativity norm and the pcDEQ core into TorchDEQ.
 
     Idempotent and thread-safe; call it in every process (at import of your model code).
 
     Args:
-        name: TorchDEQ solver name for :func:`pcdeq_solver` (``f_solver``/``b_solver``).
+        name: TorchDEQ solver name for :func:`pcdeq_solver` (``f_solver``/``b_solver``) and
+            core name for :func:`pcdeq_core_class` (``core``).
         norm_name: TorchDEQ norm name for :class:`PcNonnegNorm` (``apply_norm``).
         overwrite: Replace an entry of that name registered by someone else. TorchDEQ's
             built-in names are never replaced.
 
     Returns:
-        The names registered, ``{"solver": name, "norm": norm_name}``.
+        The names registered, ``{"solver": name, "norm": norm_name, "core": name}``.
 
     Raises:
         ImportError: TorchDEQ is not importable (the message says how to install it).
@@ -449,12 +519,16 @@ def register(
     torchdeq = _torchdeq()
     solvers = torchdeq.solver._solvers
     norms = torchdeq.norm.base_norm._norm_class
+    cores = torchdeq.core._core
     with _LOCK:
+        core = pcdeq_core_class()
         _claim("solver", solvers, name, pcdeq_solver, overwrite)
         _claim("norm", norms, norm_name, PcNonnegNorm, overwrite)
+        _claim("core", cores, name, core, overwrite)
         torchdeq.solver.register_solver(name, pcdeq_solver)
         torchdeq.norm.base_norm.register_norm(norm_name, PcNonnegNorm)
-    return {"solver": name, "norm": norm_name}
+        torchdeq.core.register_deq(name, core)
+    return {"solver": name, "norm": norm_name, "core": name}
 
 
 # --------------------------------------------------------------------------------------

@@ -312,12 +312,45 @@ def test_norm_errors() -> None:
         PcNonnegNorm.apply(nn.GRU(2, 2))
 
 
+# -- the optional core -----------------------------------------------------------------------
+
+
+def test_core_starts_in_the_orthant_and_matches_sliced(registered) -> None:
+    cell = PcCell(5, 8)
+    x = torch.randn(3, 5)
+    u = cell.injection(x).detach()
+    config = {"f_solver": "pcdeq", "f_stop_mode": "rel", "f_tol": 1e-6, "f_max_iter": 100}
+    pc_deq = get_deq(pcdeq_deq_kwargs(config, core="pcdeq"))
+    assert isinstance(pc_deq, torchdeq.core.DEQSliced) and type(pc_deq).__name__ == "PcDEQCore"
+    seen: list[torch.Tensor] = []
+
+    def f(z: torch.Tensor) -> torch.Tensor:
+        seen.append(z.detach().clone())
+        return cell(z, u)
+
+    negative = -torch.ones(3, 8)
+    (z_pc,), info = pc_deq(f, negative)
+    assert float(seen[0].min()) >= 0  # the solve started from max(z_init, 0)
+    assert float(info["pc_min"].min()) > 0
+    (z_ref,), _ = get_deq(pcdeq_deq_kwargs(config))(lambda z: cell(z, u), torch.zeros(3, 8))
+    assert torch.allclose(z_pc, z_ref, atol=1e-5)
+    (z_kw,), _ = pc_deq(lambda z: cell(z, u), z_star=negative)  # the parent's keyword
+    assert torch.allclose(z_kw, z_ref, atol=1e-5)
+    with pytest.raises(TypeError, match="needs an initial state"):
+        pc_deq(lambda z: cell(z, u))
+
+
+def test_core_warns_about_orthant_leaving_solvers(registered) -> None:
+    with pytest.warns(RuntimeWarning, match="f_solver='anderson'.*may leave"):
+        get_deq(core="pcdeq", f_solver="anderson")
+
+
 # -- registration hygiene --------------------------------------------------------------------
 
 
 def test_register_is_idempotent_and_public() -> None:
     first = pcdeq_plugin.register()
-    assert first == {"solver": "pcdeq", "norm": "pc_nonneg"}
+    assert first == {"solver": "pcdeq", "norm": "pc_nonneg", "core": "pcdeq"}
     assert pcdeq_plugin.register() == first
     assert torchdeq.solver.get_solver("pcdeq") is pcdeq_solver
     assert torchdeq.norm.base_norm._norm_class["pc_nonneg"] is PcNonnegNorm
@@ -344,7 +377,7 @@ def test_name_clash_is_refused_naming_the_entry() -> None:
         pcdeq_plugin.register()
     assert torchdeq.solver._solvers["pcdeq"] is their_solver
     assert "pc_nonneg" not in torchdeq.norm.base_norm._norm_class  # all or nothing
-    assert pcdeq_plugin.register("pcdeq_fp") == {"solver": "pcdeq_fp", "norm": "pc_nonneg"}
+    assert pcdeq_plugin.register("pcdeq_fp")["solver"] == "pcdeq_fp"
     assert pcdeq_plugin.register(overwrite=True)["solver"] == "pcdeq"
     assert torchdeq.solver._solvers["pcdeq"] is pcdeq_solver
 
@@ -359,12 +392,19 @@ def test_norm_name_clash_is_refused() -> None:
     assert "pcdeq" not in torchdeq.solver._solvers
 
 
-@pytest.mark.parametrize("name", ["anderson", "fixed_point_iter"])
+def test_core_name_clash_is_refused() -> None:
+    torchdeq.core.register_deq("pcdeq", torchdeq.core.DEQIndexing)
+    with pytest.raises(TorchDEQRegistrationError, match="core 'pcdeq'.*DEQIndexing"):
+        pcdeq_plugin.register()
+    assert "pcdeq" not in torchdeq.solver._solvers
+
+
+@pytest.mark.parametrize("name", ["anderson", "fixed_point_iter", "sliced"])
 def test_builtin_names_are_never_replaced(name: str) -> None:
-    original = torchdeq.solver._solvers[name]
-    with pytest.raises(TorchDEQRegistrationError, match="built-in solver"):
+    original = torchdeq.solver._solvers.get(name)
+    with pytest.raises(TorchDEQRegistrationError, match="built-in (solver|core)"):
         pcdeq_plugin.register(name, overwrite=True)
-    assert torchdeq.solver._solvers[name] is original
+    assert torchdeq.solver._solvers.get(name) is original
     with pytest.raises(TorchDEQRegistrationError, match="built-in norm"):
         pcdeq_plugin.register(norm_name="weight_norm", overwrite=True)
 
