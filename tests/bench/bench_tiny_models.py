@@ -7,12 +7,29 @@ in forward (a model that crashes). Both are registered through the ``pcdeq`` hoo
 
 from __future__ import annotations
 
+import atexit
+import os
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from pcdeq_plugin import BlockStats, ImplicitBlock, ImplicitModel, ModelSpec, SolveStats, hookimpl
+
+INSTANCES: list[nn.Module] = []  # every TinyDEQ built in this process (DDP test inspects it)
+
+
+def _dump_last_model() -> None:
+    """With BENCH_TINY_DUMP set, save this process's last model as rank<RANK>.pt at exit,
+    so a test can compare the weights each DDP rank ended with."""
+    target = os.environ.get("BENCH_TINY_DUMP")
+    if target and INSTANCES:
+        rank = os.environ.get("RANK", "0")
+        torch.save(INSTANCES[-1].state_dict(), Path(target) / f"rank{rank}.pt")
+
+
+atexit.register(_dump_last_model)
 
 
 class _TinyBlock(ImplicitBlock):
@@ -69,6 +86,7 @@ class TinyDEQ(ImplicitModel):
         self.inject = nn.Linear(c * h * w, width)
         self.block = _TinyBlock(width)
         self.head = nn.Linear(width, num_classes)
+        INSTANCES.append(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.block(self.inject(x.flatten(1))))

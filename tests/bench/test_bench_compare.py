@@ -73,22 +73,6 @@ def test_compare_in_process_reports_ok_failed_and_unregistered(
     assert resumed["rows"][0]["test_acc_mean"] == tiny["test_acc_mean"]
 
 
-@pytest.mark.slow
-def test_compare_subprocess_isolation(
-    tmp_path: Path, tiny_plugin: str, subprocess_env: dict, monkeypatch
-) -> None:
-    """Each run in its own process: a crash is reported with its error, the rest go on."""
-    for key, value in subprocess_env.items():
-        monkeypatch.setenv(key, value)
-    report = compare(
-        ["bench-crash", "bench-tiny-deq"], [0], out_dir=tmp_path / "iso", log=None, plots=False,
-        plugins=[tiny_plugin], **SMALL,
-    )  # fmt: skip
-    rows = {row["model"]: row for row in report["rows"]}
-    assert rows["bench-tiny-deq"]["ok"] == 1 and rows["bench-tiny-deq"]["peak_mem_mb"] > 10
-    assert "always fails" in rows["bench-crash"]["error"]
-
-
 def test_compare_rejects_options_it_sets_itself(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="compare sets seed itself"):
         compare(["x"], [0], out_dir=tmp_path, seed=3, log=None)

@@ -1,0 +1,68 @@
+"""Ctrl-C on a real `pcdeq-bench train` process leaves a usable checkpoint and the metrics
+so far; `--resume` then ends with exactly the weights of an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+TESTS_BENCH = str(Path(__file__).resolve().parents[1] / "tests" / "bench")
+ARGS = [
+    "--plugin", "bench_tiny_models", "--model", "bench-tiny-deq", "--preset", "small",
+    "--epochs", "4", "--batch-size", "16", "--train-limit", "1600", "--test-limit", "100",
+    "--device", "cpu", "--no-progress",
+]  # fmt: skip
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "pcdeq_plugin.bench.cli", *args]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": TESTS_BENCH}
+
+
+@pytest.mark.slow
+def test_sigint_then_resume_matches_an_uninterrupted_run(tmp_path: Path) -> None:
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    reference = subprocess.Popen(_cli("train", *ARGS, "--out", str(straight)), env=_env(),
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    child = subprocess.Popen(_cli("train", *ARGS, "--out", str(broken)), env=_env(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 240
+    while not (broken / "metrics.jsonl").exists():  # the first epoch is done
+        assert child.poll() is None, child.stderr.read()
+        assert time.monotonic() < deadline, "first epoch took too long"
+        time.sleep(0.05)
+    child.send_signal(signal.SIGINT)
+    _, err = child.communicate(timeout=120)
+    assert reference.wait(timeout=300) == 0, reference.stderr.read()
+    if child.returncode == 0:
+        pytest.skip("the run finished before the signal arrived (machine too fast for this test)")
+    assert child.returncode == 130, err
+    assert "--resume" in err  # the message tells how to continue
+
+    summary = json.loads((broken / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["epochs_completed"] >= 1
+    lines = (broken / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == summary["epochs_completed"]
+    state = torch.load(broken / "last.pt", weights_only=True)  # usable, plain data
+    assert state["epoch"] < 4
+
+    done = subprocess.run(_cli("train", "--out", str(broken), "--resume", "--no-progress"), env=_env(),
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    a = torch.load(straight / "last.pt", weights_only=True)
+    b = torch.load(broken / "last.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 4
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key  # bitwise
+    assert [r["test_acc"] for r in a["history"]] == [r["test_acc"] for r in b["history"]]
