@@ -17,6 +17,8 @@ from pcdeq_baselines.node import (
 )
 from torch import nn
 
+import pcdeq_plugin
+import pcdeq_plugin.registry
 from pcdeq_plugin import ConvergenceError, ConvergenceWarning, ImplicitModel
 
 # (model, preset, input shape, published size): ANODE paper sizes quoted by monDEQ's Table 1.
@@ -201,6 +203,18 @@ def test_adjoint_backward_failure_gives_zero_ode_gradient_and_is_recorded():
     assert head.weight.grad.abs().sum() > 0
 
 
+class _Broken(nn.Module):
+    def forward(self, t, h):
+        raise RuntimeError("shape bug in user dynamics")
+
+
+@pytest.mark.parametrize("adjoint", [True, False])
+def test_errors_that_are_not_solver_failures_propagate(adjoint):
+    block = ODEBlock(_Broken(), adjoint=adjoint, on_failure="ignore")
+    with pytest.raises(RuntimeError, match="shape bug"):
+        block(torch.rand(1, 1, 3, 3, requires_grad=True))
+
+
 @pytest.mark.parametrize("name", sorted(MODEL_SPECS))
 def test_small_preset_trains_one_step(name):
     spec = MODEL_SPECS[name]
@@ -220,3 +234,28 @@ def test_input_shape_is_checked():
     model = build_node((1, 5, 5), 3, hidden=2)
     with pytest.raises(ValueError, match=r"expected inputs of shape \[B, 1, 5, 5\]"):
         model(torch.rand(2, 1, 6, 6))
+
+
+BASELINE_NAMES = ["node", "anode", "deq-linear", "deq-single-conv", "deq-multi-conv"]
+
+
+def test_discovered_through_the_entry_point():
+    from pcdeq_plugin.plugins import reset_plugins
+
+    reset_plugins()  # default entry-point discovery, fresh registries
+    assert set(BASELINE_NAMES) <= set(pcdeq_plugin.list_models())
+    records = {r.name: r for r in pcdeq_plugin.plugin_report()}
+    record = records["pcdeq_baselines"]
+    assert record.source == "entry point" and record.status == "loaded", record.errors
+    assert set(BASELINE_NAMES) <= set(record.provides["model"])
+    assert pcdeq_plugin.registry.MODELS.provider("node") == "pcdeq_baselines"
+
+
+@pytest.mark.parametrize("name", BASELINE_NAMES)
+def test_built_by_name_through_the_registry(name):
+    model = pcdeq_plugin.build_model(name, (1, 28, 28), 10, preset="small")
+    assert model.family == {"node": "node", "anode": "anode"}.get(name, "deq")
+    with torch.no_grad():
+        logits = model.eval()(torch.rand(2, 1, 28, 28))
+    assert logits.shape == (2, 10) and torch.isfinite(logits).all()
+    assert all(s.forward is not None and s.forward.iterations > 0 for s in model.solver_stats())

@@ -95,8 +95,13 @@ FAILURE_POLICIES: tuple[str, ...] = ("ignore", "warn", "raise")
 NONLINEARITIES = {"relu": F.relu, "softplus": F.softplus, "tanh": torch.tanh}
 
 # torchdiffeq reports failed solves with bare asserts (step limit, dt underflow, non-finite
-# state) and fixed-step iteration caps with RuntimeError.
+# state) and a fixed-step iteration cap with RuntimeError("Reached maximum number of
+# iterations ..."); any other RuntimeError is a real bug and propagates.
 _SOLVE_FAILURES = (AssertionError, RuntimeError)
+
+
+def _is_solve_failure(exc: BaseException) -> bool:
+    return isinstance(exc, AssertionError) or "maximum number of iterations" in str(exc)
 
 
 def _supports_step_callback(method: str) -> bool:
@@ -265,6 +270,8 @@ class _AdjointSolve(torch.autograd.Function):
                 ctx.h_end, ctx.failed = solution[-1], False
                 return solution[-1].detach()
             except _SOLVE_FAILURES as exc:
+                if not _is_solve_failure(exc):
+                    raise
                 ctx.h_end, ctx.failed = None, True
                 return block._recover(record, dyn, h0, exc).detach()
 
@@ -275,7 +282,7 @@ class _AdjointSolve(torch.autograd.Function):
         params: tuple[torch.Tensor, ...] = ctx.params
         batch = grad.shape[0]
         start = time.perf_counter()
-        record.phase = "backward"
+        record.phase, record.backward_nfe = "backward", 0
         error: BaseException | None = None
         wrt = ((ctx.h0_leaf,) if ctx.h0_leaf.requires_grad else ()) + tuple(params)
         grads = [None] * len(wrt)
@@ -283,6 +290,8 @@ class _AdjointSolve(torch.autograd.Function):
             try:
                 grads = torch.autograd.grad(ctx.h_end, wrt, grad, allow_unused=True)
             except _SOLVE_FAILURES as exc:
+                if not _is_solve_failure(exc):
+                    raise
                 error = exc
         ok = not ctx.failed and error is None
         flags = torch.full((batch,), ok, dtype=torch.bool, device=grad.device)
@@ -295,7 +304,6 @@ class _AdjointSolve(torch.autograd.Function):
             solver=f"{block.method}/adjoint",
             max_iter=block._step_cap,
         )
-        ctx.h_end = None  # release the adjoint graph
         if error is not None:
             block._apply_failure_policy(f"adjoint solve failed ({error})", error)
         # Zero (not None) where nothing came back: a failed solve contributes no gradient.
@@ -442,6 +450,8 @@ class ODEBlock(ImplicitBlock):
             try:
                 h_end = odeint(dyn, h0, self._time_span(h0), **self._solve_kwargs())[-1]
             except _SOLVE_FAILURES as exc:
+                if not _is_solve_failure(exc):
+                    raise
                 h_end = self._recover(record, dyn, h0, exc)
         error = getattr(record, "failure", None)
         reached = getattr(record, "reached", None)
@@ -505,11 +515,16 @@ class NeuralODEClassifier(ImplicitModel):
         self.input_shape = tuple(input_shape)
         self.augment_channels = augment_channels
         state_channels = channels + augment_channels
-        self.odefunc = ConvODEFunc(
+        odefunc = ConvODEFunc(
             state_channels, hidden, time_dependent=time_dependent, nonlinearity=nonlinearity
         )
-        self.block = ODEBlock(self.odefunc, **solver_options)
+        self.block = ODEBlock(odefunc, **solver_options)
         self.head = nn.Linear(state_channels * height * width, num_classes)
+
+    @property
+    def odefunc(self) -> nn.Module:
+        """The dynamics (stored once, in the block, so the state dict has no duplicate keys)."""
+        return self.block.func
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if tuple(x.shape[1:]) != self.input_shape:
