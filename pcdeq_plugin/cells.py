@@ -72,6 +72,10 @@ class PcDEQBlock(ImplicitBlock):
         activation: Registered activation name or :class:`ActivationSpec`; default ``tanh``
             for variant 1, ``sigmoid`` for variant 2.
         beta: Softplus sharpness of the pcDEQ-1 injection (the paper uses 5).
+        injection_floor: Added to the injection (default 0, as the paper). A floor
+            ``eps > 0`` keeps ``u >= eps`` even where softplus underflows, which bounds
+            ``kappa = min g(0)/z*`` away from 0 and so makes the worst-case pcDEQ-1
+            contraction rate explicit (pcdeq.md section 5).
         constraint: Nonnegativity scheme (``"weight_norm"``, ``"guarded_weight_norm"``,
             ``"softplus"``, ``"clamp"``) or a :class:`NonNegativeConstraint`.
         config: Forward/backward solver configuration (default: plain fixed-point
@@ -92,6 +96,7 @@ class PcDEQBlock(ImplicitBlock):
         variant: int | None = None,
         activation: str | ActivationSpec | None = None,
         beta: float = 5.0,
+        injection_floor: float = 0.0,
         constraint: str | NonNegativeConstraint = "weight_norm",
         config: SolverConfig | None = None,
         init_scale: float = 1e-4,
@@ -102,11 +107,17 @@ class PcDEQBlock(ImplicitBlock):
         self.variant, self.activation = _resolve_variant(variant, activation)
         if not (isinstance(beta, (int, float)) and beta > 0 and math.isfinite(beta)):
             raise ValueError(f"beta must be a positive finite number, got {beta!r}")
+        floor_ok = isinstance(injection_floor, (int, float)) and injection_floor >= 0
+        if not (floor_ok and math.isfinite(injection_floor)):
+            raise ValueError(
+                f"injection_floor must be a finite number >= 0, got {injection_floor!r}"
+            )
         if config is None:
             config = SolverConfig()
         if not isinstance(config, SolverConfig):
             raise TypeError(f"config must be a SolverConfig, got {type(config).__name__}")
         self.beta = float(beta)
+        self.injection_floor = float(injection_floor)
         self.config = config
         self.check_inputs = bool(check_inputs)
         self.operator = operator
@@ -124,10 +135,13 @@ class PcDEQBlock(ImplicitBlock):
         raise NotImplementedError
 
     def injection(self, pre_injection: torch.Tensor) -> torch.Tensor:
-        """``u = softplus_beta(x~)`` (pcDEQ-1, strictly positive) or ``ReLU(x~)`` (pcDEQ-2)."""
+        """``u = softplus_beta(x~)`` (pcDEQ-1, strictly positive) or ``ReLU(x~)`` (pcDEQ-2),
+        plus :attr:`injection_floor`."""
         if self.variant == 1:
-            return F.softplus(pre_injection, beta=self.beta)
-        return F.relu(pre_injection)
+            u = F.softplus(pre_injection, beta=self.beta)
+        else:
+            u = F.relu(pre_injection)
+        return u + self.injection_floor if self.injection_floor else u
 
     def cell(
         self, z: torch.Tensor, u: torch.Tensor, weight: torch.Tensor | None = None
@@ -186,6 +200,7 @@ class PcDEQBlock(ImplicitBlock):
     def extra_repr(self) -> str:
         return (
             f"variant={self.variant}, activation={self.activation.name!r}, beta={self.beta:g}, "
+            f"injection_floor={self.injection_floor:g}, "
             f"constraint={self.constraint_scheme!r}, solver={self.config.solver!r}"
         )
 

@@ -35,7 +35,14 @@ __all__ = [
 ]
 
 # keyword overrides passed to every block / collected into its SolverConfig
-_BLOCK_KEYS = ("activation", "beta", "constraint", "init_scale", "check_inputs")
+_BLOCK_KEYS = (
+    "activation",
+    "beta",
+    "injection_floor",
+    "constraint",
+    "init_scale",
+    "check_inputs",
+)
 _CONFIG_KEYS = (
     "solver",
     "tol",
@@ -244,7 +251,8 @@ def build_pcdeq(
         input_shape: ``(channels, height, width)``.
         num_classes: Number of classes.
         **overrides: ``width`` (linear, single conv) or ``widths`` (multi conv: 3 ints);
-            block options ``activation``, ``beta``, ``constraint``, ``init_scale``,
+            block options ``activation``, ``beta``, ``injection_floor``, ``constraint``,
+            ``init_scale``,
             ``check_inputs``; solver options ``solver``, ``tol``, ``max_iter``,
             ``backward_solver``, ``backward_tol``, ``backward_max_iter``, ``check_every``,
             ``on_failure``, ``solver_options``.

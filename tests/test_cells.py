@@ -219,6 +219,22 @@ def test_injection_maps_and_defaults() -> None:
     torch.testing.assert_close(b2.injection(x), F.relu(x))
     b3 = PcDEQLinear(3, beta=2.0)
     torch.testing.assert_close(b3.injection(x), F.softplus(x, beta=2))
+    floored = PcDEQLinear(3, injection_floor=0.01)
+    torch.testing.assert_close(floored.injection(x), F.softplus(x, beta=5) + 0.01)
+    assert (floored.injection(torch.full((1, 3), -1e4)) == 0.01).all()  # softplus underflow
+
+
+def test_injection_floor_bounds_kappa() -> None:
+    """With u >= eps, kappa >= sigma(eps)/M stays away from 0 where softplus underflows."""
+    from pcdeq_plugin.certificates import certify
+
+    x = torch.full((2, 4), -30.0, dtype=torch.float64)
+    plain = make_block("linear", "tanh", scale=2.0)
+    floored = make_block("linear", "tanh", scale=2.0, injection_floor=0.05)
+    floored.load_state_dict(plain.state_dict())
+    assert certify(plain, x).kappa < 1e-30
+    cert = certify(floored, x)
+    assert cert.ok and cert.kappa >= math.tanh(0.05) - 1e-12
 
 
 def test_stats_and_no_graph_in_eval() -> None:
@@ -282,6 +298,8 @@ def test_bad_constructor_arguments() -> None:
         PcDEQLinear(3, constraint="abs")
     with pytest.raises(ValueError, match="beta"):
         PcDEQLinear(3, beta=0)
+    with pytest.raises(ValueError, match="injection_floor"):
+        PcDEQLinear(3, injection_floor=-1.0)
     with pytest.raises(ValueError, match="features"):
         PcDEQLinear(0)
     with pytest.raises(ValueError, match="odd"):
