@@ -9,7 +9,8 @@
   ``PCDEQ_DISABLE_PLUGIN_AUTOLOAD=1``
       load no entry-point plugin except those named in ``PCDEQ_PLUGINS``;
   ``PCDEQ_PLUGINS=a,b``
-      with autoload disabled, the entry-point plugins to load anyway;
+      an allowlist: when set, only these entry-point plugins load (with or without
+      autoload; a name no installed distribution provides is reported);
   ``PCDEQ_BLOCK_PLUGINS=a,b``
       entry-point plugins never to load;
   ``PCDEQ_STRICT_PLUGINS=1``
@@ -225,7 +226,7 @@ def _load_entry_points(strict: bool) -> None:
     blocked = _name_list(os.environ.get(ENV_BLOCK))
     seen: dict[str, str] = {}
     entry_points = list(_entry_points())
-    missing = sorted(allowed - {ep.name for ep in entry_points}) if disabled else []
+    missing = sorted(allowed - {ep.name for ep in entry_points})
     if missing:
         available = ", ".join(sorted({ep.name for ep in entry_points})) or "(none installed)"
         record = PluginRecord(",".join(missing), "entry point", status="skipped")
@@ -252,7 +253,8 @@ def _load_entry_points(strict: bool) -> None:
             )
             continue
         seen[ep.name] = dist
-        if ep.name in blocked or (disabled and ep.name not in allowed):
+        # an allowlist, when given, is exclusive; without one, autoload decides
+        if ep.name in blocked or (ep.name not in allowed if allowed else disabled):
             record.status = "blocked"
             _state.records.append(record)
             continue

@@ -292,6 +292,15 @@ def test_allowlist_with_autoload_disabled(make_dist, monkeypatch) -> None:
     assert "wanted_sat" in names and "other_sat" not in names
 
 
+def test_allowlist_alone_is_exclusive(make_dist, monkeypatch) -> None:
+    make_dist("wanted-dist", {"wanted": _good("wanted_sat3")})
+    make_dist("other-dist", {"other": _good("other_sat3")})
+    monkeypatch.setenv("PCDEQ_PLUGINS", "wanted")
+    names = pcdeq_plugin.list_activations()
+    assert "wanted_sat3" in names and "other_sat3" not in names
+    assert _record("other").status == "blocked"
+
+
 def test_allowlist_naming_a_missing_plugin_warns(make_dist, monkeypatch) -> None:
     make_dist("wanted-dist", {"wanted": _good("wanted_sat2")})
     monkeypatch.setenv("PCDEQ_DISABLE_PLUGIN_AUTOLOAD", "1")

@@ -163,6 +163,10 @@ def test_return_final_runs_every_step() -> None:
 def test_shape_change_is_an_error() -> None:
     with pytest.raises(ValueError, match="changed the state shape"):
         pcdeq_solver(lambda z: z.sum(dim=1), torch.zeros(2, 3), 5, 1e-3, "abs")
+    with pytest.raises(TypeError, match="x0 must be a torch.Tensor"):
+        pcdeq_solver(lambda z: z, [torch.zeros(2, 3)], 5, 1e-3, "abs")
+    with pytest.raises(ValueError, match="max_iter must be an integer >= 0"):
+        pcdeq_solver(lambda z: z, torch.zeros(2, 3), -1, 1e-3, "abs")
 
 
 def test_pcdeq_properties_nonnegative_unique_geometric(float64) -> None:

@@ -60,8 +60,14 @@ def pcdeq_solver(
         flag a violated pcDEQ assumption in the forward solve).
 
     Raises:
+        TypeError: ``x0`` is not a tensor.
         ValueError: unknown ``stop_mode``, negative ``max_iter``, or ``func`` changed the shape.
     """
+    if not isinstance(x0, torch.Tensor):
+        raise TypeError(
+            f"x0 must be a torch.Tensor (TorchDEQ flattens tuple states before calling a "
+            f"solver), got {type(x0).__name__}"
+        )
     if stop_mode not in STOP_MODES:
         raise ValueError(f"unknown stop_mode {stop_mode!r}; choose one of {', '.join(STOP_MODES)}")
     if int(max_iter) != max_iter or max_iter < 0:
