@@ -139,7 +139,9 @@ def test_step_limit_is_a_recorded_failure_not_an_exception(adjoint):
         (stats,) = model.solver_stats()
         assert stats.forward.num_failed == 3 and stats.forward.max_iter == 2
         assert 0.0 < stats.forward.max_residual <= 1.0  # fraction of [0, 1] not integrated
-        assert stats.backward is not None and not stats.backward.all_converged
+        assert stats.backward is not None
+        if adjoint:  # no valid adjoint after a failed forward solve: zero ODE gradient
+            assert stats.backward.num_failed == 3 and stats.backward.iterations == 0
     assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
 
 
@@ -179,7 +181,8 @@ def test_mid_interval_failure_returns_last_accepted_state_with_gradient():
     assert not torch.equal(h_end, h0)
     h_end.sum().backward()
     assert fuse.inner.conv2.weight.grad.abs().sum() > 0  # gradient of the truncated flow
-    assert block.last_stats.backward.iterations > 0
+    bwd = block.last_stats.backward
+    assert bwd.iterations > 0 and bwd.all_converged  # the failure is counted once, forward
 
 
 def test_adjoint_backward_failure_gives_zero_ode_gradient_and_is_recorded():

@@ -31,9 +31,13 @@ Failure handling (the original code lets torchdiffeq's ``AssertionError`` abort 
   torchdiffeq's ``callback_step``), which is ``h(t_reached)`` with ``t_reached < 1``; samples
   whose state is not finite fall back to ``h(0)``, so the logits stay finite. In direct mode
   that state keeps its autograd graph (the gradient is the gradient of the truncated flow);
-  in adjoint mode there is no valid adjoint, so the backward pass returns **zero** gradients
-  for the ODE parameters and the input and records a backward solve with 0 NFE and
-  ``converged=False`` (the read-out layer still receives its ordinary gradient).
+  the backward record then counts the VJPs and says ``converged=True`` (backpropagation
+  completed; the failure is reported once, by the forward record). In adjoint mode there is
+  no valid adjoint, so the backward pass returns **zero** gradients for the ODE parameters
+  and the input and records a backward solve with 0 NFE and ``converged=False`` (the
+  read-out layer still receives its ordinary gradient). The same record (0 NFE,
+  ``converged=False``) is written at once when a direct-mode solve fails before its first
+  step, because then no graph leads back into the block.
 * **Backward (adjoint).** If the adjoint solve raises, it is recorded as a failed backward
   solve and the ODE parameters and the input receive **zero** gradients for this batch.
 * Then the block applies ``on_failure``: ``"ignore"`` (only recorded), ``"warn"`` (recorded
@@ -193,14 +197,14 @@ class _CountVJP(torch.autograd.Function):
         now = time.perf_counter()
         if ctx.opens or record.backward_start is None:
             record.backward_start, record.backward_nfe = now, 0
-            converged = record.forward_converged
-            assert converged is not None  # the forward record exists before any backward
-            # The gradient of a truncated (failed) flow is not the model's gradient: the
-            # backward record inherits the forward flags.
+            forward = record.forward_converged
+            assert forward is not None  # the forward record exists before any backward
+            # Backpropagation through the recorded evaluations always completes; a failed
+            # forward solve is reported once, by the forward record.
             record.block_stats.backward = SolveStats(
                 iterations=0,
-                residual=(~converged).to(torch.float32),
-                converged=converged.clone(),
+                residual=torch.zeros(forward.shape, device=forward.device),
+                converged=torch.ones_like(forward),
                 seconds=0.0,
                 unit="nfe",
                 solver=f"{ctx.solver}/backprop",
