@@ -222,6 +222,26 @@ def test_cores_gradients_modes(registered, core: str, grad: str, b_solver: str) 
     assert info_eval["nstep"].shape == (3,)
 
 
+def test_tuple_state_through_torchdeq(registered) -> None:
+    """TorchDEQ flattens tuple states to [B, sum D] for a custom solver; shapes come back."""
+    a = torch.rand(3, 4) + 0.1
+    b = torch.rand(3, 2, 2) + 0.1
+    scale = torch.tensor(0.3, requires_grad=True)
+
+    def f(z1: torch.Tensor, z2: torch.Tensor):
+        return torch.tanh(scale * z1 + a), torch.tanh(scale * z2 + b + z1[:, :2, None] * 0.1)
+
+    deq = get_deq(pcdeq_deq_kwargs(f_solver="pcdeq", b_solver="pcdeq", f_tol=1e-8, ift=True))
+    (z,), info = deq(f, (torch.zeros(3, 4), torch.zeros(3, 2, 2)))
+    z1, z2 = z
+    assert z1.shape == (3, 4) and z2.shape == (3, 2, 2)
+    assert info["nstep"].shape == (3,)
+    f1, f2 = f(z1, z2)
+    assert torch.allclose(f1, z1, atol=1e-6) and torch.allclose(f2, z2, atol=1e-6)
+    (z1.sum() + z2.sum()).backward()
+    assert scale.grad is not None and float(scale.grad) > 0
+
+
 def test_ift_gradient_matches_exact_implicit_gradient(registered, float64) -> None:
     torch.manual_seed(3)
     cell = PcCell(4, 6, scale=0.8)
