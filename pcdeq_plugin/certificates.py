@@ -297,6 +297,13 @@ def certify(
                 "only a lower bound of z* is certified"
             )
         lower_monotone, upper_monotone = True, (None if upper is None else True)
+        # step 1: z_1 = g(0) >= 0 = z_0 and g(M 1) <= M 1
+        if bool((g0 < 0).any()):
+            lower_monotone = False
+            notes.append("lower sequence decreased at step 1 (g(0) has negative entries)")
+        if upper is not None and bool((upper > bound * (1 + 1e-12)).any()):
+            upper_monotone = False
+            notes.append("upper sequence increased at step 1 (g(M 1) exceeds the bound M)")
         converged, step = False, 1
         for step in range(2, steps + 1):
             new_lower = g(lower)
@@ -339,7 +346,9 @@ def certify(
             kappa = float((g0 / z_star).min())
         else:
             kappa = 0.0 if bool(torch.isfinite(z_star).all()) else float("nan")
-            notes.append("z* has zero or non-finite entries: no Thompson contraction certified")
+            notes.append(
+                "z* has nonpositive or non-finite entries: no Thompson contraction certified"
+            )
         local_rate = 1.0 - kappa
         empirical, bound_held = None, None
         if positive and lower_monotone:
