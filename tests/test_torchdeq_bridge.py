@@ -490,6 +490,11 @@ def test_deq_kwargs_copies_and_validates(registered) -> None:
     ns = argparse.Namespace(f_solver="pcdeq")
     get_deq(pcdeq_deq_kwargs(ns, f_max_iter=7))
     assert vars(ns) == {"f_solver": "pcdeq"}
+    wrapped = torchdeq.utils.config.DEQConfig({"f_solver": "pcdeq"})
+    assert pcdeq_deq_kwargs(wrapped, ift=True) == {"f_solver": "pcdeq", "ift": True}
+    assert wrapped.config == {"f_solver": "pcdeq"}
+    with pytest.raises(TypeError, match="args must be a dict, an argparse.Namespace"):
+        pcdeq_deq_kwargs(["f_solver", "pcdeq"])
 
 
 @pytest.mark.parametrize(
