@@ -226,7 +226,7 @@ class _Dynamics:
         self.record = record
         self.count_vjps = count_vjps
         self.solver = solver
-        self.last_t = 0.0
+        self.last_t: torch.Tensor | float = 0.0
         self.last_y: torch.Tensor | None = None
 
     def __call__(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -244,7 +244,7 @@ class _TrackingDynamics(_Dynamics):
     """Adds torchdiffeq's ``callback_step``: called with the accepted state before each step."""
 
     def callback_step(self, t0: torch.Tensor, y0: torch.Tensor, dt: torch.Tensor) -> None:
-        self.last_t = float(t0.detach())
+        self.last_t = t0.detach()  # a tensor: converting here would sync a GPU every step
         self.last_y = y0
 
 
@@ -418,7 +418,7 @@ class ODEBlock(ImplicitBlock):
         """The state to continue from after a failed forward solve (see the module docs)."""
         batch = h0.shape[0]
         state = dyn.last_y if dyn.last_y is not None else h0
-        t_reached = dyn.last_t if dyn.last_y is not None else 0.0
+        t_reached = float(dyn.last_t) if dyn.last_y is not None else 0.0
         finite = torch.isfinite(state.detach()).flatten(1).all(dim=1)
         shape = (batch,) + (1,) * (h0.dim() - 1)
         state = torch.where(finite.view(shape), state, h0)
