@@ -150,6 +150,7 @@ class IterativeSolver:
         converged = torch.zeros_like(done)
         final_residual = torch.full((batch,), math.inf, dtype=z.dtype, device=z.device)
         value = z
+        any_done = False
         iterations = 0
         for k in range(1, max_iter + 1):
             fz = fn(z)
@@ -165,17 +166,21 @@ class IterativeSolver:
             if check:
                 assert residual is not None
                 ok = residual < tol  # False for NaN
-                bad = ~torch.isfinite(residual)
-                newly = ~done & (ok | bad)
-                still_open = ~done
-                # Samples finishing now (or still running) take this check's image and
-                # residual; samples finished earlier keep theirs.
-                value = _batch_where(still_open, fz, value)
-                final_residual = torch.where(still_open, residual, final_residual)
-                converged = converged | (newly & ok)
-                done = done | newly
-                if bool(done.all()):  # the one host synchronisation per check
+                finished = ok | ~torch.isfinite(residual)
+                if not any_done:  # common case: nothing to keep from earlier checks
+                    value, final_residual, converged, done = fz, residual, ok, finished
+                else:
+                    # Samples finishing now (or still running) take this check's image and
+                    # residual; samples finished earlier keep theirs.
+                    still_open = ~done
+                    value = _batch_where(still_open, fz, value)
+                    final_residual = torch.where(still_open, residual, final_residual)
+                    converged = converged | (still_open & ok)
+                    done = done | finished
+                num_done = int(done.sum().item())  # the one host synchronisation per check
+                if num_done == batch:
                     break
+                any_done = num_done > 0
             if k < max_iter:
                 z, state = self.step(state, z, fz, residual)
         stats = SolveStats(
@@ -213,14 +218,32 @@ class _AndersonState:
 
     def __init__(self, z0: torch.Tensor, memory: int) -> None:
         batch, n = z0.shape[0], z0[0].numel()
-        self.xs = z0.new_zeros(batch, memory, n)  # past iterates
-        self.fs = z0.new_zeros(batch, memory, n)  # their images
+        # images f(z_i) of past iterates and their residuals f(z_i) - z_i; only the slots
+        # filled so far are ever read, so no zero fill of these large buffers
+        self.fs = z0.new_empty(batch, memory, n)
+        self.gs = z0.new_empty(batch, memory, n)
+        # Gram matrix of the residuals, updated one row per step (O(m n) instead of
+        # O(m^2 n)); kept in float64 because the small solve needs it (MPS: float32).
+        solve_dtype = torch.float32 if z0.device.type == "mps" else torch.float64
+        self.gram = torch.zeros(batch, memory, memory, dtype=solve_dtype, device=z0.device)
         self.count = 0  # pairs stored so far (same for every sample)
         # last accepted point's image and residual; whether the current iterate is an
         # Anderson candidate (to be judged by its residual)
         self.accepted_fz: torch.Tensor | None = None
         self.accepted_residual: torch.Tensor | None = None
         self.was_candidate = torch.zeros(batch, dtype=torch.bool, device=z0.device)
+
+    def push(self, z: torch.Tensor, fz: torch.Tensor, memory: int) -> None:
+        """Store the pair ``(z, f(z))`` in the circular buffer and update the Gram matrix."""
+        slot = self.count % memory
+        g_new = (fz - z).flatten(1)
+        self.fs[:, slot] = fz.flatten(1)
+        self.gs[:, slot] = g_new
+        self.count += 1
+        k = min(self.count, memory)
+        row = torch.bmm(self.gs[:, :k], g_new.unsqueeze(2)).squeeze(2).to(self.gram.dtype)
+        self.gram[:, slot, :k] = row
+        self.gram[:, :k, slot] = row
 
 
 class AndersonAcceleration(IterativeSolver):
@@ -272,26 +295,26 @@ class AndersonAcceleration(IterativeSolver):
     def _extrapolate(self, state: _AndersonState) -> tuple[torch.Tensor, torch.Tensor]:
         """Anderson point of every sample (flat) and a per-sample validity mask."""
         k = min(state.count, self.memory)
-        xs, fs = state.xs[:, :k], state.fs[:, :k]
-        # The k x k system is tiny: solve it in float64 for stability (MPS has no float64).
-        solve_dtype = torch.float32 if xs.device.type == "mps" else torch.float64
-        g = (fs - xs).to(solve_dtype)
-        gram = torch.bmm(g, g.transpose(1, 2))  # [B, k, k]
-        scale = gram.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(torch.finfo(solve_dtype).tiny)
-        batch = xs.shape[0]
+        gram = state.gram[:, :k, :k]
+        scale = gram.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(torch.finfo(gram.dtype).tiny)
+        batch = gram.shape[0]
+        # bordered system [[0, 1^T], [1, G G^T + lam s I]] [c; a] = [1; 0]
         h = gram.new_zeros(batch, k + 1, k + 1)
         h[:, 0, 1:] = 1.0
         h[:, 1:, 0] = 1.0
-        eye = torch.eye(k, dtype=solve_dtype, device=xs.device)
+        eye = torch.eye(k, dtype=gram.dtype, device=gram.device)
         h[:, 1:, 1:] = gram + (self.lam * scale).view(-1, 1, 1) * eye
         rhs = gram.new_zeros(batch, k + 1)
         rhs[:, 0] = 1.0
         sol, info = torch.linalg.solve_ex(h, rhs)  # never raises: failures are per sample
         alpha = sol[:, 1:]
         valid = (info == 0) & torch.isfinite(alpha).all(dim=1)
-        alpha = torch.where(valid.unsqueeze(1), alpha, torch.zeros_like(alpha)).to(xs.dtype)
-        mixed = fs if self.beta == 1.0 else self.beta * fs + (1.0 - self.beta) * xs
-        point = torch.bmm(alpha.unsqueeze(1), mixed).squeeze(1)
+        alpha = torch.where(valid.unsqueeze(1), alpha, torch.zeros_like(alpha))
+        alpha = alpha.to(state.fs.dtype).unsqueeze(1)
+        # beta f + (1 - beta) z = f - (1 - beta) g
+        point = torch.bmm(alpha, state.fs[:, :k]).squeeze(1)
+        if self.beta != 1.0:
+            point = point - (1.0 - self.beta) * torch.bmm(alpha, state.gs[:, :k]).squeeze(1)
         return point, valid
 
     def step(
@@ -312,17 +335,15 @@ class AndersonAcceleration(IterativeSolver):
             state.accepted_residual = torch.where(accept, residual, state.accepted_residual)
         plain = state.accepted_fz  # plain step from the last accepted point
         # 2. Remember the (genuine) pair (z, f(z)) in a circular buffer.
-        slot = state.count % self.memory
-        state.xs[:, slot] = z.flatten(1)
-        state.fs[:, slot] = fz.flatten(1)
-        state.count += 1
+        state.push(z, fz, self.memory)
         # 3. Extrapolate, then apply the orthant safeguard.
         candidate, valid = self._extrapolate(state)
         candidate = candidate.view_as(z)
-        flat_plain, flat_cand = plain.flatten(1), candidate.flatten(1)
-        plain_nonneg = (flat_plain >= 0).all(dim=1)
-        leaves_orthant = plain_nonneg & (flat_cand < 0).any(dim=1)
-        use = accept & valid & ~leaves_orthant & torch.isfinite(flat_cand).all(dim=1)
+        # one pass over the candidate: its min and max give both tests (NaN propagates)
+        low, high = torch.aminmax(candidate.flatten(1), dim=1)
+        finite = torch.isfinite(low) & torch.isfinite(high)
+        leaves_orthant = (plain.flatten(1).amin(dim=1) >= 0) & (low < 0)
+        use = accept & valid & finite & ~leaves_orthant
         state.was_candidate = use
         return _batch_where(use, candidate, plain), state
 
