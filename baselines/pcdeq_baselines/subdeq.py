@@ -1,0 +1,499 @@
+"""SubDEQ: subhomogeneous deep equilibrium models (Sittoni & Tudisco, ICML 2024).
+
+The layer of the released models (reference baselines.md section 5.2)::
+
+    F(z) = tanh(W z) + relu(U x + b) + c                    plain,      c = 1.2
+    G(z) = F(z) / ||F(z)||_inf   (per sample)               normalised, c = 1.603
+
+with an *unconstrained* recurrent weight ``W`` (dense, or a 3x3 "same" convolution). The
+state lives in the positive cone; the solve is Anderson-accelerated from the all-ones start
+(memory 5, lam 1e-4, beta 1, tol 1e-3, 30 iterations), and the backward pass solves the
+adjoint fixed point with the same solver (:func:`pcdeq_plugin.solve_implicit`).
+
+Theory (reference section 5.1): if ``F`` is mu-subhomogeneous, i.e. ``|F'(z)| z <= mu F(z)``
+entrywise, it is a mu-contraction of the Thompson metric; ``mu < 1`` (plain) or
+``mu < 1/2`` (normalised: normalising at most doubles the constant) gives a unique positive
+fixed point that iteration from any positive start reaches. The shifts are chosen so that
+the *activation's* coefficient ``sup_t |t s'(t)| / s(t)`` of ``s = tanh + c`` sits just
+below these thresholds (0.999 for 1.2, 0.499 for 1.603). For a mixed-sign ``W``, however,
+``|F'(z)| z`` involves ``|W| z`` rather than ``|W z|``, so the layer's coefficient depends
+on the weights; :meth:`SubDEQBlock.certificate` reports a bound on it for the current
+weights (see :class:`SubhomogeneityCertificate`) so a user sees when the guarantee no
+longer applies.
+
+Deviations from the released code, on purpose:
+
+* The normalised convolutional layer divides by the per-sample infinity norm over all of
+  ``C x H x W`` (the released code normalises along the image-height axis only, a quirk).
+* The released fully connected class carries two unused 87-vectors (``gamma``/``beta``,
+  174 parameters never used in ``forward``); they are left out, so ``subdeq-fc`` at width
+  87 has 76,918 parameters where the released count is 77,092.
+* Weights use PyTorch's default initialisation, as the released training script resets
+  every layer (``weight_reset``) before training, overriding the constructor's N(0, 0.01).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pcdeq_plugin import ImplicitBlock, ImplicitModel, ModelSpec, SolverConfig, solve_implicit
+
+__all__ = [
+    "MODEL_SPECS",
+    "PLAIN_SHIFT",
+    "NORMALIZED_SHIFT",
+    "SubDEQBlock",
+    "SubDEQConvBlock",
+    "SubDEQConvNet",
+    "SubDEQFcNet",
+    "SubDEQLinearBlock",
+    "SubhomogeneityCertificate",
+    "activation_coefficient",
+    "make_subdeq_conv",
+    "make_subdeq_fc",
+]
+
+#: Shift of the plain SubDEQ activation ``tanh + c`` (coefficient just below 1).
+PLAIN_SHIFT = 1.2
+#: Shift of the normalised SubDEQ activation (coefficient just below 1/2).
+NORMALIZED_SHIFT = 1.603
+
+#: The released solver settings: Anderson, memory 5, lam 1e-4, beta 1, tol 1e-3, 30 steps.
+SUBDEQ_SOLVER = SolverConfig(
+    solver="anderson",
+    tol=1e-3,
+    max_iter=30,
+    on_failure="warn",
+    solver_options={"memory": 5, "lam": 1e-4, "beta": 1.0},
+)
+
+
+def activation_coefficient(shift: float) -> float:
+    """Subhomogeneity coefficient ``sup_t |t s'(t)| / s(t)`` of ``s(t) = tanh(t) + shift``.
+
+    Computed by a golden-section search on each half-line (the ratio is unimodal there)
+    to about 1e-12; e.g. 0.999 for shift 1.2 and 0.499 for shift 1.603.
+
+    Raises:
+        ValueError: ``shift <= 1`` (then ``s`` is not positive and the ratio is unbounded).
+    """
+    if not (isinstance(shift, (int, float)) and shift > 1 and math.isfinite(shift)):
+        raise ValueError(f"shift must be a finite number > 1 (tanh + shift > 0), got {shift!r}")
+
+    def ratio(t: float) -> float:
+        return abs(t) * (1.0 - math.tanh(t) ** 2) / (math.tanh(t) + shift)
+
+    best = 0.0
+    for lo, hi in ((-40.0, 0.0), (0.0, 40.0)):
+        a, b = lo, hi
+        inv_phi = (math.sqrt(5.0) - 1.0) / 2.0
+        for _ in range(200):
+            c, d = b - inv_phi * (b - a), a + inv_phi * (b - a)
+            if ratio(c) >= ratio(d):
+                b = d
+            else:
+                a = c
+        best = max(best, ratio(0.5 * (a + b)))
+    return best
+
+
+def _slope_bound(a: torch.Tensor) -> torch.Tensor:
+    """``sup_t tanh'(t) / (tanh(t) + a)`` for ``a > 1``, in closed form: ``2 (a - sqrt(a^2 - 1))``.
+
+    With ``u = tanh t`` the ratio is ``(1 - u^2) / (u + a)``, maximal at
+    ``u = sqrt(a^2 - 1) - a``.
+    """
+    return 2.0 * (a - torch.sqrt(a * a - 1.0))
+
+
+@dataclass(frozen=True)
+class SubhomogeneityCertificate:
+    """What the SubDEQ theory needs, evaluated for the current weights.
+
+    Attributes:
+        activation_coefficient: ``sup_t |t s'(t)| / s(t)`` of ``s = tanh + shift`` -- the
+            layer's coefficient when ``W >= 0``.
+        layer_coefficient: A rigorous upper bound on the Thompson-metric Lipschitz constant
+            of ``F`` (``sup max_i (|F'(z)| z)_i / F_i(z)``) over the box ``F`` maps the cone
+            into, for the given inputs (worst sample). It equals
+            ``activation_coefficient + 2 max_i slope_i * min((W+ z_hi)_i, (W- z_hi)_i)``,
+            where ``W+``/``W-`` are the positive/negative parts of ``W``, ``z_hi`` the top
+            of the box and ``slope_i`` the largest ``tanh'(t) / F_i``: the second term is
+            the price of sign cancellations in ``W z`` and vanishes for ``W >= 0``.
+        threshold: 1 for the plain layer, 1/2 for the normalised one.
+        guaranteed: ``layer_coefficient < threshold``: unique positive fixed point, reached
+            by iteration from any positive start, linearly in the Thompson metric.
+        local_coefficient: ``max_i (|F'(z*)| z*)_i / F_i(z*)`` at the last computed fixed
+            point (worst sample): the local rate there, a diagnostic, not a guarantee;
+            ``nan`` before the first forward pass.
+        nonnegative_weights: Whether ``W >= 0`` currently holds.
+    """
+
+    activation_coefficient: float
+    layer_coefficient: float
+    threshold: float
+    guaranteed: bool
+    local_coefficient: float
+    nonnegative_weights: bool
+
+    def summary(self) -> str:
+        verdict = "guaranteed" if self.guaranteed else "NOT guaranteed"
+        return (
+            f"SubDEQ certificate: layer coefficient {self.layer_coefficient:.4g} vs threshold "
+            f"{self.threshold:g} -> uniqueness/convergence {verdict} "
+            f"(activation coefficient {self.activation_coefficient:.4g}, local coefficient at "
+            f"the last fixed point {self.local_coefficient:.4g}, W >= 0: "
+            f"{self.nonnegative_weights})"
+        )
+
+
+class SubDEQBlock(ImplicitBlock):
+    """A SubDEQ layer ``z = tanh(W z) + relu(U x + b) + shift`` (optionally normalised).
+
+    Subclasses provide the injection ``U`` and the recurrent operator ``W`` (dense or
+    convolutional) through :meth:`injection`, :meth:`recurrent` and :meth:`recurrent_parts`.
+
+    Args:
+        shift: The activation shift ``c > 1``; ``None`` picks 1.2 (plain) or 1.603
+            (normalised).
+        normalize: Divide by the per-sample infinity norm after each application.
+        config: The solver settings (default: the released Anderson settings).
+        name: Block name used in statistics and messages.
+    """
+
+    def __init__(
+        self,
+        *,
+        shift: float | None = None,
+        normalize: bool = False,
+        config: SolverConfig = SUBDEQ_SOLVER,
+        name: str | None = None,
+    ) -> None:
+        super().__init__(name)
+        if shift is None:
+            shift = NORMALIZED_SHIFT if normalize else PLAIN_SHIFT
+        self.activation_coefficient = activation_coefficient(shift)  # validates shift
+        if not isinstance(config, SolverConfig):
+            raise TypeError(f"config must be a SolverConfig, got {type(config).__name__}")
+        self.shift = float(shift)
+        self.normalize = bool(normalize)
+        self.config = config
+        self._last_injection: torch.Tensor | None = None
+        self._last_fixed_point: torch.Tensor | None = None
+
+    # -- the operators, provided by subclasses -----------------------------------------
+    def injection(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def recurrent(self, z: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def recurrent_parts(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(W+ z, W- z)`` with ``W = W+ - W-`` the positive and negative parts."""
+        raise NotImplementedError
+
+    def recurrent_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def state_shape(self, x: torch.Tensor) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    # -- the layer ---------------------------------------------------------------------
+    def layer(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One application of the layer to the state ``z`` given the injection ``y >= 0``."""
+        out = torch.tanh(self.recurrent(z)) + y + self.shift
+        if self.normalize:
+            # out > 0 (tanh > -1, shift > 1, y >= 0), so the infinity norm is the maximum
+            out = out / out.flatten(1).amax(dim=1).view(-1, *([1] * (out.dim() - 1)))
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.injection(x)
+        z0 = torch.ones(self.state_shape(x), dtype=y.dtype, device=y.device)
+        z = solve_implicit(lambda s: self.layer(s, y), z0, self.config, self.last_stats)
+        self._last_injection = y.detach()
+        self._last_fixed_point = z.detach()
+        return z
+
+    @torch.no_grad()
+    def certificate(self, x: torch.Tensor | None = None) -> SubhomogeneityCertificate:
+        """The subhomogeneity certificate for the current weights.
+
+        Args:
+            x: Inputs to evaluate the (input-dependent) bound on; ``None`` uses the
+                injection of the last forward pass (the injection ``y`` is all zeros when
+                there was none).
+        """
+        if x is not None:
+            y = self.injection(x)
+        elif self._last_injection is not None:
+            y = self._last_injection
+        else:
+            y = torch.zeros(self.state_shape(torch.zeros(1)), device=self.recurrent_weight().device)
+        # F maps the cone into the box [shift - 1 + y, shift + 1 + y]; the normalised map
+        # evaluates F on states with infinity norm 1, i.e. inside (0, 1].
+        z_hi = torch.ones_like(y) if self.normalize else y + self.shift + 1.0
+        pos, neg = self.recurrent_parts(z_hi)
+        cancel = torch.minimum(pos, neg) * _slope_bound(y + self.shift)
+        layer = self.activation_coefficient + 2.0 * float(cancel.flatten(1).amax(dim=1).max())
+        local = float("nan")
+        if self._last_fixed_point is not None and self._last_injection is not None:
+            z = self._last_fixed_point
+            pos, neg = self.recurrent_parts(z)
+            t = pos - neg
+            fz = torch.tanh(t) + self._last_injection + self.shift
+            local = float(((1.0 - torch.tanh(t) ** 2) * (pos + neg) / fz).max())
+        threshold = 0.5 if self.normalize else 1.0
+        return SubhomogeneityCertificate(
+            activation_coefficient=self.activation_coefficient,
+            layer_coefficient=layer,
+            threshold=threshold,
+            guaranteed=layer < threshold,
+            local_coefficient=local,
+            nonnegative_weights=bool((self.recurrent_weight() >= 0).all()),
+        )
+
+
+class SubDEQLinearBlock(SubDEQBlock):
+    """Fully connected SubDEQ layer on flattened inputs."""
+
+    def __init__(self, in_features: int, width: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.U = nn.Linear(in_features, width)
+        self.W = nn.Linear(width, width, bias=False)
+
+    def injection(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.U(x.flatten(1)))
+
+    def recurrent(self, z: torch.Tensor) -> torch.Tensor:
+        return self.W(z)
+
+    def recurrent_parts(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        w = self.W.weight
+        return F.linear(z, w.clamp(min=0)), F.linear(z, (-w).clamp(min=0))
+
+    def recurrent_weight(self) -> torch.Tensor:
+        return self.W.weight
+
+    def state_shape(self, x: torch.Tensor) -> tuple[int, ...]:
+        return (x.shape[0], self.W.in_features)
+
+
+class SubDEQConvBlock(SubDEQBlock):
+    """Convolutional SubDEQ layer: 3x3 "same" (zero-padded) convolutions."""
+
+    def __init__(
+        self, in_channels: int, channels: int, kernel_size: int = 3, **kwargs: Any
+    ) -> None:
+        super().__init__(**kwargs)
+        if kernel_size % 2 != 1:
+            raise ValueError(f"kernel_size must be odd, got {kernel_size}")
+        pad = kernel_size // 2
+        self.U = nn.Conv2d(in_channels, channels, kernel_size, padding=pad)
+        self.W = nn.Conv2d(channels, channels, kernel_size, padding=pad, bias=False)
+
+    def injection(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.U(x))
+
+    def recurrent(self, z: torch.Tensor) -> torch.Tensor:
+        return self.W(z)
+
+    def recurrent_parts(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # with zero padding, the operator's entries are the kernel's entries (or 0), so its
+        # positive/negative parts are the convolutions with the kernel's parts
+        w, pad = self.W.weight, self.W.padding
+        return F.conv2d(z, w.clamp(min=0), padding=pad), F.conv2d(z, (-w).clamp(min=0), padding=pad)
+
+    def recurrent_weight(self) -> torch.Tensor:
+        return self.W.weight
+
+    def state_shape(self, x: torch.Tensor) -> tuple[int, ...]:
+        if x.dim() != 4:  # certificate() without inputs: report for a 1x1 image
+            return (1, self.W.in_channels, 1, 1)
+        return (x.shape[0], self.W.in_channels, x.shape[2], x.shape[3])
+
+
+class _SubDEQNet(ImplicitModel):
+    family = "subdeq"
+    block: SubDEQBlock
+
+    def certificate(self, x: torch.Tensor | None = None) -> SubhomogeneityCertificate:
+        """The block's :meth:`SubDEQBlock.certificate` (``x``: raw model inputs)."""
+        return self.block.certificate(x)
+
+
+class SubDEQFcNet(_SubDEQNet):
+    """Flatten -> SubDEQ (width) -> BatchNorm1d -> Linear (the released MNIST FC model)."""
+
+    def __init__(
+        self, input_shape: tuple[int, int, int], num_classes: int, *, width: int, **block: Any
+    ) -> None:
+        super().__init__()
+        self.block = SubDEQLinearBlock(math.prod(input_shape), width, name="subdeq", **block)
+        self.norm = nn.BatchNorm1d(width)
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.block(x)))
+
+
+class SubDEQConvNet(_SubDEQNet):
+    """SubDEQ conv -> BatchNorm2d -> AvgPool(pool) -> Linear (the released conv models)."""
+
+    def __init__(
+        self,
+        input_shape: tuple[int, int, int],
+        num_classes: int,
+        *,
+        channels: int,
+        pool: int,
+        **block: Any,
+    ) -> None:
+        super().__init__()
+        c, h, w = input_shape
+        if not (1 <= pool <= min(h, w)):
+            raise ValueError(f"pool must be between 1 and the image size {min(h, w)}, got {pool}")
+        self.block = SubDEQConvBlock(c, channels, name="subdeq", **block)
+        self.norm = nn.BatchNorm2d(channels)
+        self.pool = nn.AvgPool2d(pool, pool)
+        self.head = nn.Linear(channels * (h // pool) * (w // pool), num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(self.norm(self.block(x))).flatten(1))
+
+
+# -- factories and registry entries ------------------------------------------------------
+
+_SOLVER_KEYS = (
+    "solver",
+    "tol",
+    "max_iter",
+    "backward_solver",
+    "backward_tol",
+    "backward_max_iter",
+    "check_every",
+    "on_failure",
+    "solver_options",
+)
+
+
+def _split_options(
+    model: str, overrides: dict[str, Any], defaults: dict[str, Any]
+) -> tuple[dict[str, Any], SolverConfig]:
+    """Validate ``overrides`` against the model's options and build its SolverConfig."""
+    valid = sorted([*defaults, *_SOLVER_KEYS])
+    unknown = sorted(set(overrides) - set(valid))
+    if unknown:
+        raise TypeError(f"{model}: unknown option(s) {unknown}; valid options: {', '.join(valid)}")
+    options = {**defaults, **{k: v for k, v in overrides.items() if k in defaults}}
+    solver = {k: v for k, v in overrides.items() if k in _SOLVER_KEYS}
+    return options, SUBDEQ_SOLVER.replace(**solver)
+
+
+def _is_mnist_like(input_shape: tuple[int, int, int]) -> bool:
+    return input_shape[0] == 1 and max(input_shape[1:]) <= 28
+
+
+def make_subdeq_fc(
+    input_shape: tuple[int, int, int], num_classes: int, **overrides: Any
+) -> SubDEQFcNet:
+    """``subdeq-fc``: options ``width`` (87), ``normalize`` (False), ``shift`` (1.2 / 1.603)
+    and the solver options of :class:`~pcdeq_plugin.SolverConfig`."""
+    defaults = {"width": 87, "normalize": False, "shift": None}
+    options, config = _split_options("subdeq-fc", overrides, defaults)
+    return SubDEQFcNet(input_shape, num_classes, config=config, **options)
+
+
+def make_subdeq_conv(
+    input_shape: tuple[int, int, int], num_classes: int, **overrides: Any
+) -> SubDEQConvNet:
+    """``subdeq-conv``: options ``channels`` (32 MNIST-sized, else 48), ``pool`` (6 / 8),
+    ``normalize``, ``shift`` and the solver options."""
+    mnist = _is_mnist_like(input_shape)
+    defaults = {
+        "channels": 32 if mnist else 48,
+        "pool": 6 if mnist else 8,
+        "normalize": False,
+        "shift": None,
+    }
+    options, config = _split_options("subdeq-conv", overrides, defaults)
+    return SubDEQConvNet(input_shape, num_classes, config=config, **options)
+
+
+def _normalized(factory: Callable[..., ImplicitModel]) -> Callable[..., ImplicitModel]:
+    def make(
+        input_shape: tuple[int, int, int], num_classes: int, **overrides: Any
+    ) -> ImplicitModel:
+        return factory(input_shape, num_classes, **{"normalize": True, **overrides})
+
+    make.__name__ = f"{factory.__name__}_normalized"
+    make.__doc__ = f"{factory.__name__} with normalize=True (shift 1.603) by default."
+    return make
+
+
+# Adam, lr 1e-3, weight decay 1e-5, cosine annealing per step down to 1e-6, batch 128
+# (test 512); 30 epochs (MNIST FC) or 40 (conv); 5 runs; best-on-validation model scored.
+_TRAINING_FC = {
+    "optimizer": "adam",
+    "lr": 1e-3,
+    "weight_decay": 1e-5,
+    "batch_size": 128,
+    "test_batch_size": 512,
+    "epochs": 30,
+    "schedule": "cosine_per_step",
+    "min_lr": 1e-6,
+    "runs": 5,
+    "source": "SubDEQ released train.py (Sittoni & Tudisco, ICML 2024)",
+}
+_TRAINING_CONV = {**_TRAINING_FC, "epochs": 40}
+
+_FC_PRESETS = {"mnist": {"width": 87}, "small": {"width": 64}}
+_CONV_PRESETS = {
+    "mnist": {"channels": 32, "pool": 6},
+    "svhn": {"channels": 48, "pool": 8},
+    "cifar10": {"channels": 48, "pool": 8},
+    "small": {"channels": 12, "pool": 7},
+}
+
+MODEL_SPECS: dict[str, ModelSpec] = {
+    "subdeq-fc": ModelSpec(
+        "subdeq-fc",
+        make_subdeq_fc,
+        "subdeq",
+        "SubDEQ fully connected: tanh(Wz) + relu(Ux+b) + 1.2, Anderson from ones "
+        "(77,092 params released incl. 174 unused; 76,918 here)",
+        presets=_FC_PRESETS,
+        training=_TRAINING_FC,
+    ),
+    "subdeq-fc-normalized": ModelSpec(
+        "subdeq-fc-normalized",
+        _normalized(make_subdeq_fc),
+        "subdeq",
+        "SubDEQ fully connected, shift 1.603 and per-sample infinity-norm normalisation",
+        presets=_FC_PRESETS,
+        training=_TRAINING_FC,
+    ),
+    "subdeq-conv": ModelSpec(
+        "subdeq-conv",
+        make_subdeq_conv,
+        "subdeq",
+        "SubDEQ convolutional (14,730 params MNIST; 29,866 SVHN/CIFAR-10)",
+        presets=_CONV_PRESETS,
+        training=_TRAINING_CONV,
+    ),
+    "subdeq-conv-normalized": ModelSpec(
+        "subdeq-conv-normalized",
+        _normalized(make_subdeq_conv),
+        "subdeq",
+        "SubDEQ convolutional, shift 1.603 and per-sample infinity-norm normalisation",
+        presets=_CONV_PRESETS,
+        training=_TRAINING_CONV,
+    ),
+}
