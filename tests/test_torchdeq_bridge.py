@@ -334,6 +334,10 @@ def test_norm_errors() -> None:
         PcNonnegNorm.apply(nn.Linear(2, 2), parametrization="exp")
     with pytest.raises(TypeError, match="does not know which parameters of GRU"):
         PcNonnegNorm.apply(nn.GRU(2, 2))
+    layer = nn.Linear(2, 2)
+    PcNonnegNorm.apply(layer)
+    with pytest.raises(ValueError, match="Linear.weight is not a parameter .is a norm already"):
+        PcNonnegNorm.apply(layer)
 
 
 # -- the optional core -----------------------------------------------------------------------

@@ -124,6 +124,12 @@ class PcNonnegNorm:
             )
         guard = float(eps if eps is not None else _config_get(deq_args, "pc_eps", 1e-12))
         norm = cls(names_list, dims_list, choice, guard)
+        for name in names_list:
+            if not isinstance(module._parameters.get(name), nn.Parameter):
+                raise ValueError(
+                    f"{type(module).__name__}.{name} is not a parameter (is a norm already "
+                    "applied? call torchdeq.remove_norm first)"
+                )
         for name, dim in zip(names_list, dims_list):
             weight = getattr(module, name).detach()
             del module._parameters[name]
