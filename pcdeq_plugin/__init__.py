@@ -20,7 +20,7 @@ from .interface import (
     SolverConfig,
     SolveStats,
 )
-from .plugins import PluginError, add_plugin, load_plugins, plugin_report
+from .plugins import PluginError, PluginWarning, add_plugin, load_plugins, plugin_report
 from .registry import (
     ActivationSpec,
     DatasetSpec,
@@ -68,6 +68,7 @@ __all__ = [
     "ImplicitModel",
     "ModelSpec",
     "PluginError",
+    "PluginWarning",
     "SolveStats",
     "SolverConfig",
     "SolverSpec",
