@@ -121,7 +121,8 @@ def bench_model(
     """Measure one network with one solver; returns one table row (medians)."""
     torch.manual_seed(seed)
     model = build_model(name, INPUT_SHAPE, NUM_CLASSES, solver=solver, on_failure="ignore")
-    model.to(device)
+    if device.type != "cpu":  # models are built on the CPU; move only when needed
+        model.to(device)
     x = torch.rand(batch, *INPUT_SHAPE, device=device)  # nonnegative images
     y = torch.randint(0, NUM_CLASSES, (batch,), device=device)
 

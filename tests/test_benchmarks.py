@@ -49,3 +49,38 @@ def test_bench_pcdeq_rejects_unknown_names(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--solvers", "broyden"])
     assert "unknown solver(s) ['broyden']" in capsys.readouterr().err
+
+
+def test_bench_families_in_process_rows_and_ratios(capsys):
+    bench = load_script("bench_families")
+    rows = bench.main(
+        ["--in-process", "--repeats", "1", "--batch", "2", "--models", "pcdeq-linear-1,node"]
+    )
+    out = capsys.readouterr().out
+    assert [r["family"] for r in rows] == ["pcdeq", "node"]
+    assert rows[0]["fwd_unit"] == "iter" and rows[1]["fwd_unit"] == "nfe"
+    assert all(r["fwd_n"] >= 1 and r["bwd_n"] >= 1 and r["fwd_ms"] > 0 for r in rows)
+    assert all(r["peak_mib"] is None for r in rows)  # in-process: no per-model RSS
+    assert "| fwd / pcDEQ |" in out and "os.cpu_count()=" in out
+    assert "| pcdeq | pcdeq-linear-1 | small |" in out and "| 1.00 | 1.00 | n/a |" in out
+
+
+def test_bench_families_lists_every_family_and_reports_missing(monkeypatch, capsys):
+    bench = load_script("bench_families")
+    families = {family for family, _ in bench.default_models()}
+    assert {"pcdeq"} <= families
+    monkeypatch.setattr(bench, "PREFERRED", {"pcdeq": "pcdeq-linear-1", "quantum": "qdeq-9000"})
+    assert ("quantum", None) in bench.default_models()
+    monkeypatch.setattr(bench, "default_models", lambda: [("quantum", None)])
+    rows = bench.main(["--in-process", "--repeats", "1", "--batch", "2"])
+    assert rows == [{"family": "quantum", "model": "qdeq-9000", "error": "missing"}]
+    assert "| quantum | qdeq-9000 | missing |" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_bench_families_worker_reports_peak_memory():
+    bench = load_script("bench_families")
+    args = bench.parse_args(["--repeats", "1", "--batch", "2"])
+    row = bench._run_worker("pcdeq-linear-1", args)
+    assert row["model"] == "pcdeq-linear-1" and row["fwd_n"] >= 1
+    assert row["peak_mib"] is not None and row["peak_mib"] >= 0
