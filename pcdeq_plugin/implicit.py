@@ -21,6 +21,13 @@ forward and backward nothing but ``z*`` is kept, the graph is freed after backwa
 independent hooks. Double backward (``create_graph=True``) is refused with a clear error:
 the hook's result is not itself differentiable, so second derivatives would be silently
 wrong.
+
+Mixed precision: under ``torch.autocast`` the forward solve, the differentiable step and
+the adjoint solve run with autocast disabled, in float32 (a half-precision start is cast
+up). Tolerances around 1e-4 are below half-precision resolution (float16 spacing near 1 is
+~1e-3, bfloat16 ~8e-3), so a half-precision solve would stall above its tolerance and
+report failure, and its adjoint would be noise. The output is float32; later autocast
+regions cast it as they need.
 """
 
 from __future__ import annotations
