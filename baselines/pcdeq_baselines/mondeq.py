@@ -86,7 +86,10 @@ class MonDEQBlock(ImplicitBlock):
     Args:
         operator: The linear part (:mod:`.mondeq_ops`).
         splitting: ``"peaceman-rachford"`` (``"pr"``) or ``"forward-backward"`` (``"fb"``).
-        alpha: Splitting step size.
+        alpha: Splitting step size; ``None`` picks 1.0 for Peaceman-Rachford (any
+            ``alpha > 0`` converges) and 0.5 for forward-backward (which needs
+            ``alpha < 2 m / ||I - W||^2``; 0.5 converges at initialisation, and the tuning
+            lowers it as training grows ``||I - W||``).
         tol: Tolerance of the stopping rule, forward and backward (unless overridden).
         max_iter: Iteration cap, forward and backward (unless overridden).
         backward_tol: Tolerance of the backward solve (default ``tol``).
@@ -106,7 +109,7 @@ class MonDEQBlock(ImplicitBlock):
         operator: MonotoneOperator,
         *,
         splitting: str = "peaceman-rachford",
-        alpha: float = 1.0,
+        alpha: float | None = None,
         tol: float = 1e-2,
         max_iter: int = 300,
         backward_tol: float | None = None,
@@ -123,6 +126,8 @@ class MonDEQBlock(ImplicitBlock):
         self.operator = operator
         self.splitting = get_splitting(splitting)
         self.stop_rule = check_stop_rule(stop_rule)
+        if alpha is None:
+            alpha = 1.0 if self.splitting == "peaceman-rachford" else 0.5
         for label, value in (("alpha", alpha), ("tol", tol), ("max_alpha", max_alpha)):
             if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
                 raise ValueError(f"{label} must be a positive finite number, got {value!r}")
@@ -197,7 +202,9 @@ class MonDEQBlock(ImplicitBlock):
         bias = tuple(b.detach() for b in self.operator.injection(x))
 
         def iterations(alpha: float) -> int:
-            return self._solve(bias, alpha, None)[0].iterations
+            result = self._solve(bias, alpha, None)[0]
+            # a solve that failed (cap, or NaN stopping it early) counts as the full cap
+            return result.iterations if bool(result.converged.all()) else self.max_iter
 
         alpha = self.max_alpha
         best_alpha, best = alpha, iterations(alpha)
@@ -398,7 +405,7 @@ class MonDEQMultiTierNet(_MonDEQNet):
 
 _SOLVER_DEFAULTS: dict[str, Any] = {
     "splitting": "peaceman-rachford",
-    "alpha": 1.0,
+    "alpha": None,
     "tol": 1e-2,
     "max_iter": 300,
     "backward_tol": None,
@@ -501,7 +508,7 @@ MODEL_SPECS: dict[str, ModelSpec] = {
             "svhn": {"channels": 81},
             "cifar10": {"channels": 81},
             "cifar10-large": {"channels": 200},
-            "small": {"channels": 12, **_SMALL_SCHEDULE},
+            "small": {"channels": 8, **_SMALL_SCHEDULE},
         },
         training=_TRAINING["mondeq-single-conv"],
     ),
@@ -515,7 +522,7 @@ MODEL_SPECS: dict[str, ModelSpec] = {
             "svhn": {"channels": (16, 32, 60)},
             "cifar10": {"channels": (16, 32, 60)},
             "cifar10-large": {"channels": (64, 128, 128)},
-            "small": {"channels": (8, 12, 16), **_SMALL_SCHEDULE},
+            "small": {"channels": (4, 8, 8), **_SMALL_SCHEDULE},
         },
         training=_TRAINING["mondeq-multi-tier"],
     ),

@@ -26,6 +26,7 @@ __all__ = [
     "strided_conv",
     "strided_conv_transpose",
     "tile_aliases",
+    "tiled_product",
     "to_frequency",
 ]
 
@@ -108,3 +109,13 @@ def tile_aliases(y_hat: torch.Tensor) -> torch.Tensor:
     """Fourier form of zero-insertion upsampling (the adjoint of sampling), frequency-major:
     the coarse coefficient at ``q`` is repeated at its four aliases."""
     return y_hat.repeat(2, 2, *([1] * (y_hat.dim() - 2)))
+
+
+def tiled_product(matrices: torch.Tensor, y_hat: torch.Tensor) -> torch.Tensor:
+    """``matrices @ tile_aliases(y_hat)`` without materialising the tiled copy.
+
+    ``matrices`` is ``[h, w, C_out, C_in]`` on the fine grid, ``y_hat`` ``[h/2, w/2, C_in, B]``.
+    """
+    h, w, c_out, c_in = matrices.shape
+    blocks = matrices.reshape(2, h // 2, 2, w // 2, c_out, c_in)
+    return (blocks @ y_hat[None, :, None]).reshape(h, w, c_out, y_hat.shape[-1])

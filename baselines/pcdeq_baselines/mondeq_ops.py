@@ -43,7 +43,7 @@ from .mondeq_fft import (
     from_frequency,
     strided_conv,
     strided_conv_transpose,
-    tile_aliases,
+    tiled_product,
     to_frequency,
 )
 
@@ -329,7 +329,7 @@ class _MultiTierResolvent(Resolvent):
         u = e_inv @ to_frequency(r)
         if h is not None:
             coarse = h @ fold_aliases(self.c[i] @ u)
-            u = u - e_inv @ (self.c_h[i] @ tile_aliases(coarse))
+            u = u - e_inv @ tiled_product(self.c_h[i], coarse)
         return from_frequency(u)
 
     def apply(self, r: State) -> State:
