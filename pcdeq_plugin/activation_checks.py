@@ -233,8 +233,10 @@ def _check_bound(spec: ActivationSpec, t: torch.Tensor, y: torch.Tensor) -> None
 def _check_differentiable(spec: ActivationSpec) -> None:
     x = torch.linspace(0.0, 2.0, 5, dtype=torch.float64, requires_grad=True)
     try:
-        y = spec.fn(x)
-        (grad,) = torch.autograd.grad(y.sum(), x)
+        # registries load lazily, possibly inside torch.no_grad() (e.g. a first solve)
+        with torch.enable_grad():
+            y = spec.fn(x)
+            (grad,) = torch.autograd.grad(y.sum(), x)
     except Exception as exc:
         raise ActivationCheckError(
             spec.name,
