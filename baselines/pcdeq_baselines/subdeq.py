@@ -130,9 +130,11 @@ class SubhomogeneityCertificate:
         threshold: 1 for the plain layer, 1/2 for the normalised one.
         guaranteed: ``layer_coefficient < threshold``: unique positive fixed point, reached
             by iteration from any positive start, linearly in the Thompson metric.
-        local_coefficient: ``max_i (|F'(z*)| z*)_i / F_i(z*)`` at the last computed fixed
-            point (worst sample): the local rate there, a diagnostic, not a guarantee;
-            ``nan`` before the first forward pass.
+        local_coefficient: The same ratio evaluated at the last computed fixed point
+            (worst sample): a *lower* bound on the layer's coefficient (``z*`` lies in the
+            box), so ``local_coefficient <= layer_coefficient`` brackets it, and a local
+            coefficient above the threshold shows the guarantee certainly fails; ``nan``
+            before the first forward pass.
         nonnegative_weights: Whether ``W >= 0`` currently holds.
     """
 
