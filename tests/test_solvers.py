@@ -172,7 +172,10 @@ def test_host_synchronises_only_on_check_steps(monkeypatch, solver_name):
 
 
 @pytest.mark.parametrize("problem_name", sorted(ZOO))
-@pytest.mark.parametrize("options", [{}, {"memory": 2}, {"memory": 8, "beta": 0.7, "lam": 1e-6}])
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"memory": 1, "beta": 0.5}, {"memory": 2}, {"memory": 8, "beta": 0.7, "lam": 1e-6}],
+)
 def test_anderson_agrees_with_plain_iteration(float64, problem_name, options):
     problem = ZOO[problem_name]()
     plain = FixedPointIteration()(problem.map(), problem.zeros(), tol=1e-12, max_iter=1000)
