@@ -43,8 +43,10 @@ __all__ = [
     "FixedPointIteration",
     "IterativeSolver",
     "RESIDUAL_EPS",
-    "per_sample_residual",
+    "make_anderson",
+    "make_fixed_point",
     "pcdeq_register_solvers",
+    "per_sample_residual",
 ]
 
 #: Added to the denominator of the relative residual so that a zero image does not divide by 0.
