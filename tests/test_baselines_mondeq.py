@@ -381,3 +381,22 @@ def test_double_backward_is_refused():
     loss = model(torch.randn(2, 1, 4, 6)).sum()
     with pytest.raises(RuntimeError, match="double backward"):
         torch.autograd.grad(loss, [model.block.operator.U.weight], create_graph=True)
+
+
+def test_bf16_autocast_solves_in_float32():
+    model = _tiny("mondeq-single-conv")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(torch.randn(2, 1, 4, 6))
+    logits.float().sum().backward()
+    assert model.block.last_stats.forward.all_converged
+    assert model.block.last_stats.backward is not None
+    assert torch.isfinite(model.block.operator.A.weight.grad).all()
+
+
+@pytest.mark.parametrize("name", sorted(mondeq.MODEL_SPECS))
+def test_models_move_between_dtypes_and_devices(name):
+    """``.to()`` goes through ``nn.Module._apply``: nothing may shadow it."""
+    model = build_model(name, (1, 8, 8), 3, preset="small").to(torch.float64).to("cpu")
+    assert all(p.dtype == torch.float64 for p in model.parameters())
+    with torch.no_grad():
+        assert model(torch.rand(2, 1, 8, 8, dtype=torch.float64)).dtype == torch.float64

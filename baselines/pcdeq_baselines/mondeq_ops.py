@@ -185,19 +185,19 @@ class _FourierResolvent(Resolvent):
         self.size = size
         self._inverse_h: torch.Tensor | None = None  # built on the first transposed apply
 
-    def _apply(self, matrices: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def _multiply(self, matrices: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         # a real operator's output spectrum is Hermitian, so half of it suffices (rfft2)
         x_hat = torch.fft.rfft2(x).permute(2, 3, 1, 0).contiguous()
         out = (matrices @ x_hat).permute(3, 2, 0, 1)
         return torch.fft.irfft2(out, s=self.size)
 
     def apply(self, r: State) -> State:
-        return (self._apply(self.inverse, r[0]),)
+        return (self._multiply(self.inverse, r[0]),)
 
     def apply_transpose(self, r: State) -> State:
         if self._inverse_h is None:
             self._inverse_h = _hermitian(self.inverse)
-        return (self._apply(self._inverse_h, r[0]),)
+        return (self._multiply(self._inverse_h, r[0]),)
 
 
 class MonSingleConvOperator(MonotoneOperator):
@@ -243,7 +243,7 @@ class MonSingleConvOperator(MonotoneOperator):
         padded = F.pad(x, (1, 1, 1, 1))  # zero border: see the module docstring
         return (circular_conv(padded, self.U.weight) + self.U.bias.view(1, -1, 1, 1),)
 
-    def _apply(self, z: State, transpose: bool) -> State:
+    def _product(self, z: State, transpose: bool) -> State:
         a, b = self.kernels()
         v = z[0]
         ata = circular_conv_transpose(circular_conv(v, a), a)
@@ -253,10 +253,10 @@ class MonSingleConvOperator(MonotoneOperator):
         return ((1 - self.m) * v - self.g * ata + skew,)
 
     def multiply(self, z: State) -> State:
-        return self._apply(z, transpose=False)
+        return self._product(z, transpose=False)
 
     def multiply_transpose(self, z: State) -> State:
-        return self._apply(z, transpose=True)
+        return self._product(z, transpose=True)
 
     def resolvent(self, alpha: float) -> Resolvent:
         a, b = self.kernels()
