@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--models", type=_csv, help="comma-separated model names (default: the README's six)"
     )
-    p.add_argument("--seeds", type=_int_list, help="comma-separated seeds (default 0,1)")
+    p.add_argument("--seeds", type=_int_list, help="comma-separated seeds (default 0,1,2)")
     p.add_argument("--dataset", default="mnist5k")
     p.add_argument(
         "--preset",

@@ -35,7 +35,7 @@ DEFAULT_MODELS: tuple[str, ...] = (
     "anode",
     "deq-linear",
 )
-DEFAULT_SEEDS: tuple[int, ...] = (0, 1)
+DEFAULT_SEEDS: tuple[int, ...] = (0, 1, 2)
 _STDERR_TAIL = 1500
 
 
@@ -47,7 +47,14 @@ def _model_info(model: str, preset: str | None) -> dict[str, Any]:
         return {"status": "not registered", "error": str(exc)}
     used = preset if preset in spec.presets else None
     note = None if used == preset else f"no preset {preset!r}; factory defaults used"
-    return {"status": "registered", "family": spec.family, "preset": used, "note": note}
+    options = spec.presets.get(used, {}) if used else {}
+    return {
+        "status": "registered",
+        "family": spec.family,
+        "preset": used,
+        "preset_options": json.loads(json.dumps(options, default=str)),
+        "note": note,
+    }
 
 
 def _run_one(config: dict[str, Any]) -> str | None:

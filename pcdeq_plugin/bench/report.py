@@ -111,6 +111,8 @@ def aggregate(
                 "peak_mem_kind": first.get("peak_mem_kind"),
                 "failed_solves": sum(int(r.get("failed_solves") or 0) for r in ok),
                 "error": "; ".join(errors) or None,
+                "preset_options": info.get("preset_options"),
+                "note": info.get("note"),
             }
         )
     return rows
@@ -166,6 +168,15 @@ def render_markdown(rows: list[dict[str, Any]], meta: dict[str, Any] | None = No
             f"Dataset `{meta.get('dataset')}`, {meta.get('epochs')} epoch(s), seeds "
             f"{', '.join(map(str, meta.get('seeds', [])))}; presets as listed."
         )
+    sizes = [
+        f"`{r['model']}` {r.get('preset')}: "
+        + ", ".join(f"{k}={v}" for k, v in r["preset_options"].items())
+        for r in rows
+        if r.get("preset_options")
+    ]
+    if sizes:
+        intro.append("Preset sizes: " + "; ".join(sizes) + ".")
+    notes += [f"- `{r['model']}`: {r['note']}" for r in rows if r.get("note")]
     kinds = {r.get("peak_mem_kind") for r in rows if r.get("peak_mem_kind")}
     if kinds:
         intro.append(

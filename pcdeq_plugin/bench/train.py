@@ -8,29 +8,34 @@ returns the run's summary metrics. Under ``torchrun`` it trains with DDP unchang
 from __future__ import annotations
 
 import contextlib
-import importlib
-import itertools
-import os
 import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from pcdeq_plugin import add_plugin, build_model
+from pcdeq_plugin import build_model
 from pcdeq_plugin.registry import MODELS
 
-from .checkpoint import load_checkpoint, save_checkpoint
-from .config import RESUMABLE_OVERRIDES, TRAINING_KEYS, ConfigError, TrainConfig, defaults
+from .checkpoint import save_checkpoint
+from .config import TrainConfig
 from .datasets import dataset_info, ensure_registered, load_dataset
+from .loaders import test_loader, train_loader
 from .metrics import EpochMeter, solve_summary, write_history, write_json
+from .resolve import (
+    BEST,
+    LAST,
+    load_plugins_from_config,
+    prepare_out_dir,
+    resolve_config,
+    training_recipe,
+)
 from .runtime import (
     DistContext,
     autocast,
@@ -48,152 +53,8 @@ from .runtime import (
 
 __all__ = ["evaluate", "load_plugins_from_config", "resolve_config", "run", "training_recipe"]
 
-LAST = "last.pt"
-BEST = "best.pt"
 BatchCallback = Callable[[int, int], None]
 EpochCallback = Callable[[dict[str, Any]], None]
-
-
-def load_plugins_from_config(modules: list[str]) -> None:
-    """Add plugin modules named by import path (besides installed entry points)."""
-    for module_name in modules:
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as exc:
-            raise ConfigError(f"cannot import plugin module {module_name!r}: {exc}") from exc
-        add_plugin(module, module_name)
-
-
-def training_recipe(training: dict[str, Any], dataset: str) -> dict[str, Any]:
-    """The harness keys of a ``ModelSpec.training`` mapping, for ``dataset``.
-
-    Understands ``milestones: [m]`` (one milestone, as in the pcDEQ scripts) and a
-    ``per_dataset: {name: {...}}`` table whose entry for ``dataset`` wins.
-    """
-    flat = dict(training)
-    per_dataset = flat.pop("per_dataset", None)
-    if isinstance(per_dataset, dict) and isinstance(per_dataset.get(dataset), dict):
-        flat.update(per_dataset[dataset])
-    milestones = flat.pop("milestones", None)
-    if "milestone" not in flat and isinstance(milestones, (list, tuple)) and len(milestones) == 1:
-        flat["milestone"] = int(milestones[0])
-    return {k: v for k, v in flat.items() if k in TRAINING_KEYS}
-
-
-def resolve_config(given: dict[str, Any]) -> tuple[TrainConfig, dict[str, Any] | None]:
-    """Merge defaults, the model's training recommendations, a checkpoint and ``given``.
-
-    Returns:
-        The validated config and the checkpoint to resume from (``None`` for a fresh run).
-    """
-    TrainConfig.check_keys(given)
-    load_plugins_from_config(list(given.get("plugins", [])))
-    merged = defaults()
-    checkpoint = None
-    if given.get("resume"):
-        if not given.get("out_dir"):
-            raise ConfigError("resume needs out_dir (the run directory to continue)")
-        checkpoint = load_checkpoint(Path(given["out_dir"]) / LAST)
-        saved = dict(checkpoint["config"])
-        conflicts = sorted(
-            k for k in given if k not in RESUMABLE_OVERRIDES and k in saved and given[k] != saved[k]
-        )
-        if conflicts:
-            detail = ", ".join(
-                f"{k}: checkpoint {saved[k]!r} vs given {given[k]!r}" for k in conflicts
-            )
-            raise ConfigError(
-                f"cannot resume with a different experiment ({detail}); only "
-                f"{', '.join(sorted(RESUMABLE_OVERRIDES))} may change on resume"
-            )
-        load_plugins_from_config(list(saved.get("plugins", [])))
-        merged.update(saved)
-    else:
-        spec = MODELS.get(given.get("model", merged["model"]))
-        recipe = training_recipe(spec.training, given.get("dataset", merged["dataset"]))
-        if "epochs" in given and "milestone" not in given:
-            recipe.pop("milestone", None)  # the recipe's milestone belongs to its epoch count
-        merged.update(recipe)
-    merged.update(given)
-    config = TrainConfig.from_dict(merged)
-    MODELS.get(config.model)  # unknown model -> UnknownNameError listing the names
-    dataset_info(config.dataset)  # unknown dataset -> UnknownNameError listing the names
-    return config, checkpoint
-
-
-def _prepare_out_dir(config: TrainConfig, resuming: bool) -> Path | None:
-    if config.out_dir is None:
-        return None
-    out = Path(config.out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-probe-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise ConfigError(
-            f"output directory {out} is not writable ({exc}); choose another --out"
-        ) from exc
-    if not resuming and any((out / name).exists() for name in (LAST, "metrics.jsonl")):
-        raise ConfigError(
-            f"{out} already holds a run (found {LAST} or metrics.jsonl); pass --resume to continue "
-            "it or choose another --out directory (nothing was overwritten)"
-        )
-    return out
-
-
-class _SkipSampler(Sampler[int]):
-    """The wrapped sampler's order without its first ``skip`` indices (mid-epoch resume)."""
-
-    def __init__(self, base: Sampler[int], skip: int) -> None:
-        self.base, self.skip = base, skip
-
-    def __iter__(self) -> Iterator[int]:
-        return itertools.islice(iter(self.base), self.skip, None)
-
-    def __len__(self) -> int:
-        return max(0, len(self.base) - self.skip)  # type: ignore[arg-type]
-
-
-def _train_loader(
-    dataset: Dataset,
-    config: TrainConfig,
-    ctx: DistContext,
-    epoch: int,
-    skip_batches: int,
-    pin: bool,
-) -> DataLoader:
-    # DistributedSampler also when single-process: one code path, and the data order of
-    # epoch e depends only on (seed, e), which is what makes resume exact.
-    sampler = DistributedSampler(
-        dataset,
-        num_replicas=ctx.world_size,
-        rank=ctx.rank,
-        shuffle=True,
-        seed=config.seed,
-        drop_last=False,
-    )
-    sampler.set_epoch(epoch)
-    generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
-    return DataLoader(
-        dataset,
-        batch_size=config.batch_size,
-        sampler=_SkipSampler(sampler, skip_batches * config.batch_size),
-        num_workers=config.workers,
-        pin_memory=pin,
-        generator=generator,
-    )
-
-
-def _test_loader(dataset: Dataset, config: TrainConfig, ctx: DistContext, pin: bool) -> DataLoader:
-    shard = list(range(ctx.rank, len(dataset), ctx.world_size))  # type: ignore[arg-type]
-    return DataLoader(
-        dataset,
-        batch_size=config.test_batch_size or config.batch_size,
-        sampler=shard,
-        num_workers=config.workers,
-        pin_memory=pin,
-    )
 
 
 def _inner(model: nn.Module) -> nn.Module:
@@ -315,7 +176,7 @@ def _run(
     device = select_device(cfg.device)
     check_amp(cfg.amp, device)
     set_deterministic(cfg.deterministic)
-    out = _prepare_out_dir(cfg, checkpoint is not None) if ctx.is_main else None
+    out = prepare_out_dir(cfg, checkpoint is not None) if ctx.is_main else None
 
     info = dataset_info(cfg.dataset)
     common = {"data_dir": cfg.data_dir, "download": cfg.download, "augment": cfg.augment}
@@ -358,7 +219,7 @@ def _run(
         model = nn.parallel.DistributedDataParallel(model, **ddp_args)
     inner = _inner(model)
     pin = device.type == "cuda"
-    test_loader = _test_loader(test_set, cfg, ctx, pin)
+    eval_loader = test_loader(test_set, cfg, ctx, pin)
 
     identity = {
         "model": cfg.model,
@@ -407,7 +268,7 @@ def _run(
                     train_seconds = float(partial["seconds"])
                 reset_peak_memory(device)
                 lr = optimizer.param_groups[0]["lr"]
-                loader = _train_loader(train_set, cfg, ctx, epoch, step, pin)
+                loader = train_loader(train_set, cfg, ctx, epoch, step, pin)
                 model.train()
                 tick = time.perf_counter()
                 bar = tqdm(
@@ -443,7 +304,7 @@ def _run(
                 train_seconds += time.perf_counter() - tick
                 train = meter.reduce(ctx.all_reduce_sum, device).result("")
                 tick = time.perf_counter()
-                test = evaluate(model, test_loader, device, cfg.amp, ctx, cfg.progress)
+                test = evaluate(model, eval_loader, device, cfg.amp, ctx, cfg.progress)
                 test_seconds = time.perf_counter() - tick
                 scheduler.step()
                 mem, mem_kind = peak_memory(device)
