@@ -34,6 +34,7 @@ CSV_COLUMNS: tuple[str, ...] = (
     "max_residual",
     "failed_solves",
     "test_failed_solves",
+    "nonfinite_batches",
     "train_seconds",
     "test_seconds",
     "epoch_seconds",
@@ -76,6 +77,7 @@ class EpochMeter:
     failed: float = 0.0
     max_residual: float = 0.0
     batches: float = 0.0
+    nonfinite: float = 0.0  # batches whose loss was NaN or infinite (a diverged solve, say)
 
     unit: str = ""
 
@@ -83,7 +85,10 @@ class EpochMeter:
         self, loss: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, solve: dict[str, Any]
     ) -> None:
         n = int(target.numel())
-        self.loss_sum += float(loss.detach()) * n
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            self.nonfinite += 1
+        self.loss_sum += value * n
         self.correct += float((logits.detach().argmax(dim=1) == target).sum())
         self.count += n
         self.batches += 1
@@ -109,6 +114,7 @@ class EpochMeter:
         "bwd_batches",
         "failed",
         "batches",
+        "nonfinite",
     )
 
     def reduce(self, all_reduce_sum: Any, device: torch.device) -> EpochMeter:
@@ -133,6 +139,7 @@ class EpochMeter:
             f"{prefix}bwd_iters": mean(self.bwd_sum, self.bwd_batches),
             f"{prefix}failed_solves": int(self.failed),
             f"{prefix}max_residual": self.max_residual if self.fwd_batches else None,
+            f"{prefix}nonfinite_batches": int(self.nonfinite),
         }
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import resource
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -41,10 +40,10 @@ def select_device(name: str) -> torch.device:
             # a GPU reports "cuda" although torch.cuda.is_available() is False.
             found = accelerator.current_accelerator(check_available=True)
             if found is not None and found.type in ("cuda", "mps"):
-                return torch.device(found.type)
+                return select_device(found.type)
             return torch.device("cpu")
         if torch.cuda.is_available():
-            return torch.device("cuda")
+            return select_device("cuda")
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
@@ -53,6 +52,7 @@ def select_device(name: str) -> torch.device:
             raise ConfigError(
                 "device 'cuda' requested but torch.cuda.is_available() is False; use --device cpu or auto"
             )
+        # one GPU per torchrun process (LOCAL_RANK); cuda:0 when single-process
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     if name == "mps":
@@ -215,6 +215,10 @@ def peak_memory(device: torch.device) -> tuple[float, str]:
         return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
     if device.type == "mps":
         return torch.mps.driver_allocated_memory() / 2**20, "mps_driver_allocated"
+    try:
+        import resource
+    except ImportError:  # Windows has no getrusage
+        return float("nan"), "unavailable"
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # Linux reports KiB, macOS bytes
     mib = maxrss / 2**20 if sys.platform == "darwin" else maxrss / 2**10

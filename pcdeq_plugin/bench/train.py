@@ -322,6 +322,7 @@ def _run(
                     "max_residual": train["max_residual"],
                     "failed_solves": train["failed_solves"],
                     "test_failed_solves": test["test_failed_solves"],
+                    "nonfinite_batches": train["nonfinite_batches"],
                     "train_seconds": train_seconds,
                     "test_seconds": test_seconds,
                     "epoch_seconds": train_seconds + test_seconds,

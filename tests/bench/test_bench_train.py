@@ -225,3 +225,17 @@ def test_config_precedence_and_recipes(tiny_config: dict) -> None:
     assert TrainConfig(epochs=40).effective_milestone == 30
     assert TrainConfig(epochs=1).effective_milestone is None
     assert TrainConfig(epochs=10, milestone=0).effective_milestone is None
+
+
+def test_nonfinite_losses_are_counted() -> None:
+    from pcdeq_plugin.bench.metrics import EpochMeter
+
+    meter = EpochMeter()
+    solve = {"fwd": 3.0, "bwd": None, "unit": "iter", "failed": 2, "residual": float("nan")}
+    logits, target = torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 0])
+    meter.update(torch.tensor(float("nan")), logits, target, solve)
+    meter.update(torch.tensor(0.5), logits, target, {**solve, "residual": 0.1})
+    result = meter.result("")
+    assert result["nonfinite_batches"] == 1 and result["failed_solves"] == 4
+    assert result["acc"] == 0.5 and result["fwd_iters"] == 3.0
+    assert result["max_residual"] == float("inf")  # a NaN residual is reported as unbounded
