@@ -261,3 +261,19 @@ def test_unknown_option_lists_valid_ones():
 def test_bad_pool_is_refused():
     with pytest.raises(ValueError, match="pool"):
         build_model("subdeq-conv", (1, 8, 8), 10, pool=9)
+
+
+@pytest.mark.parametrize("kind", ["fc", "conv"])
+def test_certificate_before_any_forward_uses_a_zero_injection(kind):
+    model = _model(kind)
+    with torch.no_grad():
+        w = model.block.W.weight
+        w.fill_(0.05)
+        w.view(-1)[1] = -0.05  # one negative entry: a sign cancellation in one row
+    cert = model.certificate()
+    assert cert.local_coefficient != cert.local_coefficient  # nan: no fixed point yet
+    assert not cert.nonnegative_weights
+    assert cert.layer_coefficient > cert.activation_coefficient
+    with torch.no_grad():
+        w.abs_()
+    assert model.certificate().layer_coefficient == pytest.approx(cert.activation_coefficient)

@@ -230,8 +230,7 @@ class SubDEQBlock(ImplicitBlock):
 
         Args:
             x: Inputs to evaluate the (input-dependent) bound on; ``None`` uses the
-                injection of the last forward pass (the injection ``y`` is all zeros when
-                there was none).
+                injection of the last forward pass, or a zero injection before the first.
         """
         if x is not None:
             y = self.injection(x)
@@ -317,8 +316,10 @@ class SubDEQConvBlock(SubDEQBlock):
         return self.W.weight
 
     def state_shape(self, x: torch.Tensor) -> tuple[int, ...]:
-        if x.dim() != 4:  # certificate() without inputs: report for a 1x1 image
-            return (1, self.W.in_channels, 1, 1)
+        if x.dim() != 4:
+            # certificate() without inputs: the centre pixel of a kernel-sized image sees
+            # every kernel entry, the worst case of the bound
+            return (1, self.W.in_channels, *self.W.kernel_size)
         return (x.shape[0], self.W.in_channels, x.shape[2], x.shape[3])
 
 
@@ -461,7 +462,7 @@ _CONV_PRESETS = {
     "mnist": {"channels": 32, "pool": 6},
     "svhn": {"channels": 48, "pool": 8},
     "cifar10": {"channels": 48, "pool": 8},
-    "small": {"channels": 8, "pool": 7},
+    "small": {"channels": 16, "pool": 7},
 }
 
 MODEL_SPECS: dict[str, ModelSpec] = {
