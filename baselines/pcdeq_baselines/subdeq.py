@@ -462,7 +462,7 @@ _CONV_PRESETS = {
     "mnist": {"channels": 32, "pool": 6},
     "svhn": {"channels": 48, "pool": 8},
     "cifar10": {"channels": 48, "pool": 8},
-    "small": {"channels": 16, "pool": 7},
+    "small": {"channels": 12, "pool": 7},
 }
 
 MODEL_SPECS: dict[str, ModelSpec] = {
