@@ -257,7 +257,11 @@ def _run(
 
     stop = _StopFlag()
     epoch, step, meter, train_seconds = start_epoch, start_step, EpochMeter(), 0.0
-    consistent = True  # False while a step is half-applied: no checkpoint then
+    # False while the state is half-updated (inside an optimizer step, or between the
+    # scheduler step and the end-of-epoch checkpoint): an interrupt then saves nothing new
+    # and the previous checkpoint stays the resume point.
+    consistent = True
+    tick, training = time.perf_counter(), False
     try:
         with stop.installed(enabled=not ctx.enabled):
             for epoch in range(start_epoch, cfg.epochs):
@@ -270,7 +274,7 @@ def _run(
                 lr = optimizer.param_groups[0]["lr"]
                 loader = train_loader(train_set, cfg, ctx, epoch, step, pin)
                 model.train()
-                tick = time.perf_counter()
+                tick, training = time.perf_counter(), True
                 bar = tqdm(
                     loader,
                     desc=f"epoch {epoch + 1}/{cfg.epochs}",
@@ -302,10 +306,12 @@ def _run(
                     if stop.requested:
                         raise KeyboardInterrupt
                 train_seconds += time.perf_counter() - tick
+                training = False
                 train = meter.reduce(ctx.all_reduce_sum, device).result("")
                 tick = time.perf_counter()
                 test = evaluate(model, eval_loader, device, cfg.amp, ctx, cfg.progress)
                 test_seconds = time.perf_counter() - tick
+                consistent = False
                 scheduler.step()
                 mem, mem_kind = peak_memory(device)
                 row = {
@@ -339,11 +345,17 @@ def _run(
                     if improved:
                         save_checkpoint(out / BEST, snapshot)
                     write_history(out, history)
+                consistent = True
                 if on_epoch is not None:
                     on_epoch(dict(row, **identity))
                 partial = None
+                if stop.requested:
+                    raise KeyboardInterrupt
     except KeyboardInterrupt:
-        if out is not None and consistent:
+        epoch_saved = len(history) > epoch  # this epoch's row and checkpoint are written
+        if out is not None and consistent and not epoch_saved:
+            if training:
+                train_seconds += time.perf_counter() - tick
             # a mid-epoch checkpoint: resume skips the `step` batches already trained
             save_checkpoint(out / LAST, state(epoch, step, meter, train_seconds))
         finish("interrupted", "KeyboardInterrupt")

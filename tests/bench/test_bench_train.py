@@ -239,3 +239,23 @@ def test_nonfinite_losses_are_counted() -> None:
     assert result["nonfinite_batches"] == 1 and result["failed_solves"] == 4
     assert result["acc"] == 0.5 and result["fwd_iters"] == 3.0
     assert result["max_residual"] == float("inf")  # a NaN residual is reported as unbounded
+
+
+def test_interrupt_after_an_epoch_resumes_without_duplicate_rows(
+    tiny_config: dict, tmp_path: Path
+) -> None:
+    base = {**tiny_config, "epochs": 2}
+    straight = run({**base, "out_dir": str(tmp_path / "straight")})
+
+    def stop_after_first(metrics: dict) -> None:
+        raise KeyboardInterrupt
+
+    broken = tmp_path / "broken"
+    with pytest.raises(KeyboardInterrupt):
+        run({**base, "out_dir": str(broken)}, on_epoch=stop_after_first)
+    state = load_checkpoint(broken / "last.pt")
+    assert (state["epoch"], state["step"]) == (1, 0)  # the end-of-epoch checkpoint stays
+    resumed = run({"out_dir": str(broken), "resume": True})
+    assert [r["epoch"] for r in resumed["history"]] == [1, 2]
+    a, b = _final_weights(straight["config"]["out_dir"]), _final_weights(str(broken))
+    assert all(torch.equal(a[k], b[k]) for k in a)
