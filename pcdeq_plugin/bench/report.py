@@ -215,27 +215,34 @@ def _per_epoch(runs: list[dict[str, Any]], key: str) -> dict[str, tuple[list[int
 def write_plots(
     out_dir: Path, runs: list[dict[str, Any]], rows: list[dict[str, Any]]
 ) -> list[Path]:
-    """Accuracy per epoch, iterations per epoch, accuracy vs parameters (PNG, Agg backend)."""
+    """Accuracy per epoch, iterations per epoch, accuracy vs parameters (PNG, Agg backend).
+
+    Each model keeps one colour across the three plots.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    written = []
+    models = [r["model"] for r in rows if r.get("status") != "not registered"]
+    palette = plt.get_cmap("tab10" if len(models) <= 10 else "tab20")
+    colour = {model: palette(i % palette.N) for i, model in enumerate(models)}
     units = {r["model"]: r.get("unit") or "" for r in rows if r.get("status") != "not registered"}
+    written = []
     for key, name, ylabel in (
-        ("test_acc", "accuracy_per_epoch.png", "test accuracy"),
+        ("test_acc", "accuracy_per_epoch.png", "test accuracy (mean over seeds)"),
         ("fwd_iters", "iterations_per_epoch.png", "forward iterations / NFE per solve"),
     ):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for model, (epochs, values) in sorted(_per_epoch(runs, key).items()):
-            label = (
-                f"{model} ({units.get(model)})"
-                if key == "fwd_iters" and units.get(model)
-                else model
-            )
-            ax.plot(epochs, values, marker="o", label=label)
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        series = _per_epoch(runs, key)
+        for model in [m for m in models if m in series]:
+            epochs, values = series[model]
+            unit = units.get(model)
+            label = f"{model} ({unit})" if key == "fwd_iters" and unit else model
+            ax.plot(epochs, values, marker="o", label=label, color=colour[model])
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         if ax.lines:
@@ -244,17 +251,24 @@ def write_plots(
         fig.savefig(out_dir / name, dpi=100)
         plt.close(fig)
         written.append(out_dir / name)
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    placed = 0
     for row in rows:
         if row.get("test_acc_mean") is None or not row.get("params"):
             continue
+        point = (row["params"], row["test_acc_mean"])
         ax.errorbar(
-            row["params"], row["test_acc_mean"], yerr=row["test_acc_std"], fmt="o", capsize=3
+            *point, yerr=row["test_acc_std"], fmt="o", capsize=3, color=colour[row["model"]]
         )
-        ax.annotate(row["model"], (row["params"], row["test_acc_mean"]), fontsize="small")
+        # alternate the label above/below so neighbours of equal size stay readable
+        offset = (6, 6) if placed % 2 == 0 else (6, -12)
+        ax.annotate(
+            row["model"], point, xytext=offset, textcoords="offset points", fontsize="small"
+        )
+        placed += 1
     ax.set_xscale("log")
     ax.set_xlabel("parameters")
-    ax.set_ylabel("test accuracy")
+    ax.set_ylabel("test accuracy (mean ± std over seeds)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out_dir / "accuracy_vs_params.png", dpi=100)

@@ -259,3 +259,20 @@ def test_interrupt_after_an_epoch_resumes_without_duplicate_rows(
     assert [r["epoch"] for r in resumed["history"]] == [1, 2]
     a, b = _final_weights(straight["config"]["out_dir"]), _final_weights(str(broken))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_data_order_does_not_depend_on_worker_processes(tiny_config: dict, tmp_path: Path) -> None:
+    a = run({**tiny_config, "out_dir": str(tmp_path / "w0")})
+    b = run({**tiny_config, "workers": 1, "out_dir": str(tmp_path / "w1")})
+    wa, wb = _final_weights(a["config"]["out_dir"]), _final_weights(b["config"]["out_dir"])
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_eval_refuses_a_dataset_of_another_shape(tiny_config: dict) -> None:
+    from pcdeq_plugin.bench import evaluate_checkpoint
+
+    run(tiny_config)
+    with pytest.raises(
+        ConfigError, match=r"trained on 'mnist5k' \(1, 28, 28\).*'cifar10' has \(3, 32, 32\)"
+    ):
+        evaluate_checkpoint(Path(tiny_config["out_dir"]) / "last.pt", dataset="cifar10")
