@@ -9,11 +9,8 @@ import pytest
 import torch
 from pcdeq_baselines import mondeq
 from pcdeq_baselines.mondeq_fft import circular_conv, conv_transfer, from_frequency, to_frequency
-from pcdeq_baselines.mondeq_ops import (
-    MonFcOperator,
-    MonMultiTierOperator,
-    MonSingleConvOperator,
-)
+from pcdeq_baselines.mondeq_multitier import MonMultiTierOperator
+from pcdeq_baselines.mondeq_ops import MonFcOperator, MonSingleConvOperator
 from pcdeq_baselines.mondeq_splitting import relu_prox, solve_equilibrium
 
 from pcdeq_plugin import ConvergenceError, ConvergenceWarning, ImplicitModel, build_model
