@@ -152,12 +152,13 @@ class SubDEQBlock(ImplicitBlock):
             x: Inputs to evaluate the (input-dependent) bound on; ``None`` uses the
                 injection of the last forward pass, or a zero injection before the first.
         """
+        weight = self.recurrent_weight()
         if x is not None:
             y = self.injection(x)
-        elif self._last_injection is not None:
-            y = self._last_injection
+        elif self._last_injection is not None:  # (the module may have moved since)
+            y = self._last_injection.to(device=weight.device, dtype=weight.dtype)
         else:
-            y = torch.zeros(self.state_shape(torch.zeros(1)), device=self.recurrent_weight().device)
+            y = weight.new_zeros(self.state_shape(torch.zeros(1)))
         # F maps the cone into the box [shift - 1 + y, shift + 1 + y]; the normalised map
         # evaluates F on states with infinity norm 1, i.e. inside (0, 1].
         z_hi = torch.ones_like(y) if self.normalize else y + self.shift + 1.0
@@ -166,10 +167,11 @@ class SubDEQBlock(ImplicitBlock):
         layer = self.activation_coefficient + 2.0 * float(cancel.flatten(1).amax(dim=1).max())
         local = float("nan")
         if self._last_fixed_point is not None and self._last_injection is not None:
-            z = self._last_fixed_point
+            z = self._last_fixed_point.to(device=weight.device, dtype=weight.dtype)
+            y_last = self._last_injection.to(device=weight.device, dtype=weight.dtype)
             pos, neg = self.recurrent_parts(z)
             t = pos - neg
-            fz = torch.tanh(t) + self._last_injection + self.shift
+            fz = torch.tanh(t) + y_last + self.shift
             local = float(((1.0 - torch.tanh(t) ** 2) * (pos + neg) / fz).max())
         threshold = 0.5 if self.normalize else 1.0
         return SubhomogeneityCertificate(
@@ -178,7 +180,7 @@ class SubDEQBlock(ImplicitBlock):
             threshold=threshold,
             guaranteed=layer < threshold,
             local_coefficient=local,
-            nonnegative_weights=bool((self.recurrent_weight() >= 0).all()),
+            nonnegative_weights=bool((weight >= 0).all()),
         )
 
 
