@@ -18,6 +18,7 @@ Built here:
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from collections.abc import Callable
 from functools import lru_cache
@@ -31,6 +32,8 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 
 from pcdeq_plugin import DatasetSpec, add_plugin, hookimpl
 from pcdeq_plugin.registry import DATASETS
+
+from .config import ConfigError
 
 __all__ = [
     "CIFAR10_NORM",
@@ -70,6 +73,14 @@ def _check_split(split: str) -> None:
         raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
 
 
+def _no_augmentation(name: str, augment: bool) -> None:
+    if augment:
+        raise ConfigError(
+            f"dataset {name!r} has no training augmentation; --augment applies to cifar10 "
+            "(or use the dataset cifar10-aug)"
+        )
+
+
 # -- mnist5k -------------------------------------------------------------------------------
 
 
@@ -89,15 +100,14 @@ def _mnist5k_arrays() -> dict[str, np.ndarray]:
             f"the embedded mnist5k.npz is damaged (sha256 {actual}, expected {expected}); "
             "reinstall pcdeq-plugin or regenerate it with scripts/make_mnist5k.py"
         )
-    import io
-
     with np.load(io.BytesIO(blob)) as npz:
         return {key: npz[key] for key in npz.files}
 
 
-def load_mnist5k(split: str, **_: Any) -> TensorDataset:
+def load_mnist5k(split: str, *, augment: bool = False, **_: Any) -> TensorDataset:
     """The embedded 5,000-digit MNIST subset as float images in [0, 1] (pcDEQ: no normalisation)."""
     _check_split(split)
+    _no_augmentation("mnist5k", augment)
     arrays = _mnist5k_arrays()
     images = torch.from_numpy(arrays[f"{split}_images"]).float().div_(255.0).unsqueeze(1)
     labels = torch.from_numpy(arrays[f"{split}_labels"].astype(np.int64))
@@ -138,9 +148,12 @@ def _open_torchvision(name: str, build: Callable[[], Dataset], root: Path) -> Da
         raise
 
 
-def load_mnist(split: str, *, data_dir: str, download: bool = False, **_: Any) -> Dataset:
+def load_mnist(
+    split: str, *, data_dir: str, download: bool = False, augment: bool = False, **_: Any
+) -> Dataset:
     """torchvision MNIST with ``ToTensor`` only, as in the pcDEQ scripts."""
     _check_split(split)
+    _no_augmentation("mnist", augment)
     tv = _torchvision()
     root = Path(data_dir)
     expected = [root / "MNIST" / "raw" / f for f in _MNIST_FILES]
@@ -158,9 +171,12 @@ def load_mnist(split: str, *, data_dir: str, download: bool = False, **_: Any) -
     )
 
 
-def load_svhn(split: str, *, data_dir: str, download: bool = False, **_: Any) -> Dataset:
+def load_svhn(
+    split: str, *, data_dir: str, download: bool = False, augment: bool = False, **_: Any
+) -> Dataset:
     """torchvision SVHN (train/test, no "extra") normalised as in the pcDEQ SVHN script."""
     _check_split(split)
+    _no_augmentation("svhn", augment)
     tv = _torchvision()
     root = Path(data_dir)
     expected = [root / _SVHN_FILES[split]]

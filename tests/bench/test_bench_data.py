@@ -241,3 +241,11 @@ def test_checksum_mismatch_is_reported(tmp_path: Path) -> None:
         (folder / name).write_bytes(b"not cifar")
     with pytest.raises(DatasetNotFoundError, match="fails torchvision's checksum"):
         load_dataset("cifar10", "train", data_dir=str(tmp_path))
+
+
+@pytest.mark.parametrize("name", ["mnist5k", "mnist", "svhn"])
+def test_augment_is_refused_where_undefined(name: str, tmp_path: Path) -> None:
+    from pcdeq_plugin.bench.config import ConfigError
+
+    with pytest.raises(ConfigError, match=f"dataset '{name}' has no training augmentation"):
+        load_dataset(name, "train", data_dir=str(tmp_path), augment=True)
