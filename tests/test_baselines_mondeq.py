@@ -10,7 +10,7 @@ import torch
 from pcdeq_baselines import mondeq
 from pcdeq_baselines.mondeq_fft import circular_conv, conv_transfer, from_frequency, to_frequency
 from pcdeq_baselines.mondeq_multitier import MonMultiTierOperator
-from pcdeq_baselines.mondeq_ops import MonFcOperator, MonSingleConvOperator
+from pcdeq_baselines.mondeq_ops import MonFcOperator, MonSingleConvOperator, border_mask
 from pcdeq_baselines.mondeq_splitting import relu_prox, solve_equilibrium
 
 from pcdeq_plugin import ConvergenceError, ConvergenceWarning, ImplicitModel, build_model
@@ -397,3 +397,25 @@ def test_models_move_between_dtypes_and_devices(name):
     assert all(p.dtype == torch.float64 for p in model.parameters())
     with torch.no_grad():
         assert model(torch.rand(2, 1, 8, 8, dtype=torch.float64)).dtype == torch.float64
+
+
+def test_zero_border_makes_the_circular_operator_act_like_a_zero_padded_one(float64):
+    """With the state's one-pixel border at zero, W z on the interior never wraps around."""
+    op = MonSingleConvOperator(1, 3, (7, 9))
+    _randomise_gains(op)
+    z = torch.randn(2, 3, 7, 9) * border_mask((7, 9), like=torch.zeros(1))
+    a, b = op.kernels()
+    conv = torch.nn.functional.conv2d
+    conv_t = torch.nn.functional.conv_transpose2d
+    ata = conv_t(conv(z, a, padding=1), a, padding=1)
+    w_zero_padded = (1 - op.m) * z - op.g * ata + conv(z, b, padding=1) - conv_t(z, b, padding=1)
+    (w_circular,) = op.multiply((z,))
+    inside = (slice(None), slice(None), slice(1, -1), slice(1, -1))
+    assert torch.allclose(w_circular[inside], w_zero_padded[inside], atol=1e-12)
+
+
+@pytest.mark.parametrize(("preset", "steps"), [("mnist", 469), ("svhn", 573), ("cifar10", 391)])
+def test_dataset_presets_place_the_mid_epoch_tuning(preset, steps):
+    shape = (1, 28, 28) if preset == "mnist" else (3, 32, 32)
+    model = build_model("mondeq-multi-tier", shape, 10, preset=preset)
+    assert model.block.steps_per_epoch == steps

@@ -57,7 +57,7 @@ class MonDEQBlock(ImplicitBlock):
         on_failure: ``"ignore"``, ``"warn"`` or ``"raise"`` for a solve that hits its cap.
         tune_alpha: Re-tune ``alpha`` during training at batch 30 and mid-epoch.
         steps_per_epoch: Training batches per epoch, to place the mid-epoch tuning
-            (469 = MNIST at batch 128, the paper's setting).
+            (the dataset presets set it for batch 128; 469 = MNIST, the default).
         max_alpha: Largest ``alpha`` tried by the tuning.
         name: Block name in statistics and messages.
     """
