@@ -66,3 +66,35 @@ def test_sigint_then_resume_matches_an_uninterrupted_run(tmp_path: Path) -> None
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key  # bitwise
     assert [r["test_acc"] for r in a["history"]] == [r["test_acc"] for r in b["history"]]
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_compare_then_resume_completes_every_run(tmp_path: Path) -> None:
+    """Ctrl-C in a terminal signals the whole process group: compare and its worker."""
+    out = tmp_path / "cmp"
+    args = ["compare", "--plugin", "bench_tiny_models", "--models", "bench-tiny-deq", "--seeds", "0,1",
+            "--epochs", "3", "--batch-size", "16", "--train-limit", "1600", "--test-limit", "100",
+            "--no-plots", "--out", str(out)]  # fmt: skip
+    child = subprocess.Popen(_cli(*args), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True, start_new_session=True)  # fmt: skip
+    first = out / "runs" / "bench-tiny-deq" / "seed0" / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not first.exists():
+        assert child.poll() is None, child.stderr.read()
+        assert time.monotonic() < deadline, "first epoch took too long"
+        time.sleep(0.05)
+    os.killpg(child.pid, signal.SIGINT)
+    _, err = child.communicate(timeout=180)
+    if child.returncode == 0:
+        pytest.skip("compare finished before the signal arrived")
+    assert child.returncode == 130, err
+    assert f"pcdeq-bench compare --out {out} --resume" in err
+    assert (out / "runs" / "bench-tiny-deq" / "seed0" / "last.pt").is_file()  # the worker saved
+
+    done = subprocess.run(
+        _cli(*args, "--resume"), env=_env(), capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((out / "compare.json").read_text())
+    (row,) = report["rows"]
+    assert row["status"] == "ok" and row["ok"] == 2 and row["epochs"] == 3

@@ -335,8 +335,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         hint = ""
-        if args.command == "train" and getattr(args, "out_dir", None):
-            hint = f"; continue with: pcdeq-bench train --out {args.out_dir} --resume"
+        if args.command in ("train", "compare") and getattr(args, "out_dir", None):
+            hint = f"; continue with: pcdeq-bench {args.command} --out {args.out_dir} --resume"
         print(
             f"pcdeq-bench {args.command}: interrupted, checkpoint and metrics so far kept{hint}",
             file=sys.stderr,

@@ -37,6 +37,7 @@ DEFAULT_MODELS: tuple[str, ...] = (
 )
 DEFAULT_SEEDS: tuple[int, ...] = (0, 1, 2)
 _STDERR_TAIL = 1500
+_INTERRUPT_GRACE = 120.0  # seconds a worker gets to save its checkpoint after Ctrl-C
 
 
 def _model_info(model: str, preset: str | None) -> dict[str, Any]:
@@ -81,12 +82,22 @@ def _run_isolated(model_dir: Path, configs: list[dict[str, Any]]) -> str | None:
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
     command = [sys.executable, "-m", "pcdeq_plugin.bench.compare", str(batch)]
-    done = subprocess.run(
+    process = subprocess.Popen(
         command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
-    if done.returncode == 0:
+    try:
+        _, stderr = process.communicate()
+    except KeyboardInterrupt:
+        # Ctrl-C reached the worker too (same process group); it stops at a batch boundary
+        # and writes its resumable checkpoint. Wait for that instead of killing it.
+        try:
+            process.wait(timeout=_INTERRUPT_GRACE)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        raise
+    if process.returncode == 0:
         return None
-    return f"worker exit code {done.returncode}: {done.stderr.strip()[-_STDERR_TAIL:]}"
+    return f"worker exit code {process.returncode}: {stderr.strip()[-_STDERR_TAIL:]}"
 
 
 def _run_error(run_dir: Path, worker_error: str | None) -> str | None:
