@@ -70,7 +70,7 @@ def _contractive_block(solver: str, width: int = 5, **kw) -> UnconstrainedDEQBlo
     layer = nn.Linear(width, width)
     with torch.no_grad():  # spectral norm 0.6: a contraction, so the fixed point is unique
         layer.weight.mul_(0.6 / torch.linalg.matrix_norm(layer.weight, ord=2))
-    opts = {"tol": 1e-11, "max_iter": 120, "on_failure": "raise", **kw}
+    opts = {"tol": 1e-11, "max_iter": 120, "on_failure": "raise", "recurrent_init": "torch", **kw}
     return UnconstrainedDEQBlock(layer, solver=solver, **opts)
 
 
@@ -104,7 +104,9 @@ def test_implicit_gradient_matches_unrolled_for_a_conv_cell(float64):
     layer = nn.Conv2d(2, 2, 3, padding=1)
     with torch.no_grad():
         layer.weight.mul_(0.3)
-    block = UnconstrainedDEQBlock(layer, tol=1e-11, max_iter=100, on_failure="raise")
+    block = UnconstrainedDEQBlock(
+        layer, tol=1e-11, max_iter=100, on_failure="raise", recurrent_init="torch"
+    )
     u = torch.randn(2, 2, 4, 4, requires_grad=True)
     block(u).square().sum().backward()
     implicit = (layer.weight.grad.clone(), u.grad.clone())
@@ -195,3 +197,18 @@ def test_caller_options_are_not_mutated():
     block(torch.randn(2, 5))
     assert options == {"m": 4} and block.solver_options is not options
     assert block.deq.f_max_iter == 120 and block.deq.b_stop_mode == "rel"
+
+
+def test_recurrent_init_options():
+    torch.manual_seed(0)
+    layer = nn.Conv2d(6, 6, 3, padding=1)
+    UnconstrainedDEQBlock(layer)  # default "pcdeq": signed counterpart of the pcDEQ init
+    bound = 1e-2 / 12**0.5
+    assert layer.weight.abs().max() <= bound and (layer.weight < 0).any()
+    assert torch.count_nonzero(layer.bias) == 0
+    kept = nn.Linear(4, 4)
+    before = kept.weight.detach().clone()
+    UnconstrainedDEQBlock(kept, recurrent_init="torch")
+    assert torch.equal(before, kept.weight)
+    with pytest.raises(ValueError, match="unknown recurrent_init 'zeros'; available: pcdeq, torch"):
+        UnconstrainedDEQBlock(nn.Linear(2, 2), recurrent_init="zeros")
