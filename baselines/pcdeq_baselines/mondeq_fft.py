@@ -64,15 +64,22 @@ def strided_conv_transpose(y: torch.Tensor, weight: torch.Tensor) -> torch.Tenso
     return circular_conv_transpose(up, weight)
 
 
-def conv_transfer(weight: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def conv_transfer(
+    weight: torch.Tensor, size: tuple[int, int], *, half: bool = False
+) -> torch.Tensor:
     """Transfer matrices of :func:`circular_conv` with ``weight`` on ``size`` images.
 
     The circular cross-correlation ``y[p] = sum_u w[u] x[p + u - r]`` (``r`` the kernel
     radius) is the circular convolution with the impulse response ``g[t] = w[r - t]``,
     i.e. the flipped kernel rolled so that its centre sits at pixel ``(0, 0)``.
 
+    Args:
+        weight: Kernel ``[C_out, C_in, k, k]`` (odd ``k``).
+        size: Image size ``(h, w)``.
+        half: Only the frequencies ``torch.fft.rfft2`` keeps (``w // 2 + 1`` columns).
+
     Returns:
-        Complex tensor ``[h, w, C_out, C_in]``.
+        Complex tensor ``[h, w, C_out, C_in]`` (``[h, w // 2 + 1, ...]`` when ``half``).
     """
     h, w = size
     kh, kw = weight.shape[-2:]
@@ -81,7 +88,8 @@ def conv_transfer(weight: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     impulse = F.pad(weight.flip(-2, -1), (0, w - kw, 0, h - kh))
     impulse = torch.roll(impulse, shifts=(-(kh // 2), -(kw // 2)), dims=(-2, -1))
     # contiguous: batched matmuls over strided batches copy every matrix separately
-    return torch.fft.fft2(impulse).permute(2, 3, 0, 1).contiguous()
+    spectrum = torch.fft.rfft2(impulse) if half else torch.fft.fft2(impulse)
+    return spectrum.permute(2, 3, 0, 1).contiguous()
 
 
 def to_frequency(x: torch.Tensor) -> torch.Tensor:

@@ -253,9 +253,8 @@ class MonSingleConvOperator(MonotoneOperator):
 
     def resolvent(self, alpha: float) -> Resolvent:
         a, b = self.kernels()
-        half = self.size[1] // 2 + 1
-        ta = conv_transfer(a, self.size)[:, :half]
-        tb = conv_transfer(b, self.size)[:, :half]
+        ta = conv_transfer(a, self.size, half=True)
+        tb = conv_transfer(b, self.size, half=True)
         eye = eye_like(ta.shape[-1], ta)
         system = (1 + alpha * self.m) * eye + alpha * (
             self.g * hermitian(ta) @ ta - tb + hermitian(tb)
