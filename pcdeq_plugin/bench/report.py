@@ -54,6 +54,18 @@ def _mean(values: list[Any]) -> float | None:
     return statistics.fmean(present) if present else None
 
 
+def _training_of(config: dict[str, Any] | None) -> str | None:
+    """The optimisation recipe a run used, in one short phrase."""
+    if not config:
+        return None
+    milestone = config.get("milestone")
+    text = (
+        f"{config.get('optimizer')} lr {config.get('lr'):g} wd {config.get('weight_decay'):g} "
+        f"batch {config.get('batch_size')}"
+    )
+    return text + (f" milestone {milestone}" if milestone else "")
+
+
 def aggregate(
     runs: list[dict[str, Any]], plan: dict[str, Any] | None = None
 ) -> list[dict[str, Any]]:
@@ -112,6 +124,7 @@ def aggregate(
                 "failed_solves": sum(int(r.get("failed_solves") or 0) for r in ok),
                 "error": "; ".join(errors) or None,
                 "preset_options": info.get("preset_options"),
+                "training": _training_of(first.get("config")),
                 "note": info.get("note"),
             }
         )
@@ -176,6 +189,11 @@ def render_markdown(rows: list[dict[str, Any]], meta: dict[str, Any] | None = No
     ]
     if sizes:
         intro.append("Preset sizes: " + "; ".join(sizes) + ".")
+    recipes = [f"`{r['model']}` {r['training']}" for r in rows if r.get("training")]
+    if recipes:
+        intro.append(
+            "Training (each model's recipe over the harness defaults): " + "; ".join(recipes) + "."
+        )
     notes += [f"- `{r['model']}`: {r['note']}" for r in rows if r.get("note")]
     kinds = {r.get("peak_mem_kind") for r in rows if r.get("peak_mem_kind")}
     if kinds:
