@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from pcdeq_plugin import list_models
 from pcdeq_plugin.bench import run
@@ -31,3 +32,42 @@ def test_one_small_epoch_of_every_registered_model(model: str) -> None:
         summary["fwd_iters"] is not None and summary["fwd_iters"] >= 1
     )  # stats reached the harness
     assert summary["unit"] in {"iter", "nfe"}
+
+
+# one model per family: resume must be exact with BatchNorm, projections, ODE solvers, ...
+RESUME_MODELS = [
+    m
+    for m in (
+        "pcdeq-linear-1",
+        "pcdeq-single-conv-2",
+        "mondeq-fc",
+        "node",
+        "deq-linear",
+        "subdeq-fc",
+    )
+    if m in MODELS
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", RESUME_MODELS)
+def test_resume_is_exact_for_real_models(model: str, tmp_path) -> None:
+    from pcdeq_plugin.bench.checkpoint import load_checkpoint
+
+    config = {
+        "model": model, "preset": "small", "epochs": 2, "batch_size": 16, "train_limit": 48,
+        "test_limit": 16, "device": "cpu", "progress": False,
+    }  # fmt: skip
+    run({**config, "out_dir": str(tmp_path / "a")})
+
+    def interrupt(epoch: int, step: int) -> None:
+        if (epoch, step) == (1, 1):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run({**config, "out_dir": str(tmp_path / "b")}, on_batch=interrupt)
+    run({"out_dir": str(tmp_path / "b"), "resume": True})
+    a = load_checkpoint(tmp_path / "a" / "last.pt")["model"]
+    b = load_checkpoint(tmp_path / "b" / "last.pt")["model"]
+    mismatched = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not mismatched
