@@ -136,7 +136,9 @@ def _missing(name: str, root: Path, expected: list[Path], flag_hint: str) -> Dat
     )
 
 
-def _open_torchvision(name: str, build: Callable[[], Dataset], root: Path) -> Dataset:
+def _open_torchvision(
+    name: str, build: Callable[[], Dataset], root: Path, download: bool, layout: str
+) -> Dataset:
     try:
         return build()
     except RuntimeError as exc:
@@ -145,7 +147,19 @@ def _open_torchvision(name: str, build: Callable[[], Dataset], root: Path) -> Da
                 f"dataset {name!r} under {root} is missing or fails torchvision's checksum "
                 f"({exc}); delete the partial files and rerun with --download"
             ) from exc
-        raise
+        if not download:
+            raise
+        raise DatasetNotFoundError(
+            f"downloading dataset {name!r} into {root} failed ({type(exc).__name__}: {exc}); "
+            f"check the network, or place the files yourself as {layout}"
+        ) from exc
+    except OSError as exc:  # URLError and socket errors while downloading
+        if not download:
+            raise
+        raise DatasetNotFoundError(
+            f"downloading dataset {name!r} into {root} failed ({type(exc).__name__}: {exc}); "
+            f"check the network, or place the files yourself as {layout}"
+        ) from exc
 
 
 def load_mnist(
@@ -157,10 +171,9 @@ def load_mnist(
     tv = _torchvision()
     root = Path(data_dir)
     expected = [root / "MNIST" / "raw" / f for f in _MNIST_FILES]
+    layout = "DIR/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte"
     if not download and not all(p.is_file() for p in expected):
-        raise _missing(
-            "mnist", root, expected, "DIR/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte"
-        )
+        raise _missing("mnist", root, expected, layout)
     transform = tv.transforms.ToTensor()
     return _open_torchvision(
         "mnist",
@@ -168,6 +181,8 @@ def load_mnist(
             str(root), train=split == "train", download=download, transform=transform
         ),
         root,
+        download,
+        layout,
     )
 
 
@@ -180,14 +195,17 @@ def load_svhn(
     tv = _torchvision()
     root = Path(data_dir)
     expected = [root / _SVHN_FILES[split]]
+    layout = "DIR/train_32x32.mat and DIR/test_32x32.mat"
     if not download and not expected[0].is_file():
-        raise _missing("svhn", root, expected, "DIR/train_32x32.mat and DIR/test_32x32.mat")
+        raise _missing("svhn", root, expected, layout)
     t = tv.transforms
     transform = t.Compose([t.ToTensor(), t.Normalize(*SVHN_NORM)])
     return _open_torchvision(
         "svhn",
         lambda: tv.datasets.SVHN(str(root), split=split, download=download, transform=transform),
         root,
+        download,
+        layout,
     )
 
 
@@ -199,13 +217,9 @@ def load_cifar10(
     tv = _torchvision()
     root = Path(data_dir)
     expected = [root / "cifar-10-batches-py" / f for f in _CIFAR_FILES]
+    layout = "DIR/cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}"
     if not download and not all(p.is_file() for p in expected):
-        raise _missing(
-            "cifar10",
-            root,
-            expected,
-            "DIR/cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}",
-        )
+        raise _missing("cifar10", root, expected, layout)
     t = tv.transforms
     steps: list[Any] = []
     if augment and split == "train":
@@ -217,6 +231,8 @@ def load_cifar10(
             str(root), train=split == "train", download=download, transform=t.Compose(steps)
         ),
         root,
+        download,
+        layout,
     )
 
 

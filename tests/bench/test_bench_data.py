@@ -249,3 +249,17 @@ def test_augment_is_refused_where_undefined(name: str, tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match=f"dataset '{name}' has no training augmentation"):
         load_dataset(name, "train", data_dir=str(tmp_path), augment=True)
+
+
+def test_failed_download_is_explained(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No network: the download error names the dataset and the manual layout."""
+    from urllib.error import URLError
+
+    def offline(*args, **kwargs):
+        raise URLError("no route to host")
+
+    monkeypatch.setattr(tv.datasets.SVHN, "download", offline)
+    with pytest.raises(
+        DatasetNotFoundError, match=r"downloading dataset 'svhn'.*no route to host.*test_32x32\.mat"
+    ):
+        load_dataset("svhn", "test", data_dir=str(tmp_path), download=True)
