@@ -20,11 +20,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from pcdeq_plugin import build_model
+from pcdeq_plugin import UnknownNameError, build_model
 from pcdeq_plugin.registry import MODELS
 
-from .checkpoint import save_checkpoint
-from .config import TrainConfig
+from .checkpoint import CheckpointError, save_checkpoint
+from .config import ConfigError, TrainConfig
 from .datasets import dataset_info, ensure_registered, load_dataset
 from .loaders import test_loader, train_loader
 from .metrics import EpochMeter, solve_summary, write_history, write_json
@@ -184,9 +184,7 @@ def _run(
     test_set = load_dataset(cfg.dataset, "test", limit=cfg.test_limit, **common)
 
     seed_everything(cfg.seed)
-    model = build_model(
-        cfg.model, info.input_shape, info.num_classes, preset=cfg.preset, **cfg.model_options
-    )
+    model = _build(cfg, info.input_shape, info.num_classes)
     model.to(device)
     spec = MODELS.get(cfg.model)
     params = _param_count(model)
@@ -203,7 +201,13 @@ def _run(
     best = {"epoch": None, "test_acc": None}
     start_epoch, start_step, partial = 0, 0, None
     if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
+        try:
+            model.load_state_dict(checkpoint["model"])
+        except RuntimeError as exc:
+            raise CheckpointError(
+                f"the checkpoint in {cfg.out_dir} does not fit model {cfg.model!r} as built now "
+                f"(did the model code or its options change?): {str(exc).splitlines()[0]}"
+            ) from exc
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         if scaler is not None and checkpoint.get("scaler"):
@@ -365,6 +369,21 @@ def _run(
         raise
     ctx.barrier()
     return finish("ok")
+
+
+def _build(cfg: TrainConfig, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+    """Build the model; a factory's complaint about its options becomes a ConfigError."""
+    try:
+        return build_model(
+            cfg.model, input_shape, num_classes, preset=cfg.preset, **cfg.model_options
+        )
+    except UnknownNameError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(
+            f"cannot build model {cfg.model!r} (preset {cfg.preset!r}, model_options "
+            f"{cfg.model_options}): {exc}"
+        ) from exc
 
 
 def _make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:

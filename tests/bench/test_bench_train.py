@@ -276,3 +276,24 @@ def test_eval_refuses_a_dataset_of_another_shape(tiny_config: dict) -> None:
         ConfigError, match=r"trained on 'mnist5k' \(1, 28, 28\).*'cifar10' has \(3, 32, 32\)"
     ):
         evaluate_checkpoint(Path(tiny_config["out_dir"]) / "last.pt", dataset="cifar10")
+
+
+def test_bad_model_options_and_presets_are_config_errors(tiny_config: dict) -> None:
+    with pytest.raises(ConfigError, match="cannot build model 'bench-tiny-deq'.*wdth"):
+        run({**tiny_config, "model_options": {"wdth": 3}})
+    with pytest.raises(UnknownNameError, match="has no preset 'huge'; available: small"):
+        run({**tiny_config, "preset": "huge"})
+
+
+def test_checkpoint_of_another_shape_is_refused_on_resume(tiny_config: dict) -> None:
+    run(tiny_config)
+    out = Path(tiny_config["out_dir"])
+    state = load_checkpoint(out / "last.pt")
+    state["model"]["head.weight"] = torch.zeros(3, 3)
+    from pcdeq_plugin.bench.checkpoint import save_checkpoint
+
+    save_checkpoint(out / "last.pt", {k: v for k, v in state.items() if k != "format"})
+    before = _snapshot(out)
+    with pytest.raises(CheckpointError, match="does not fit model 'bench-tiny-deq'"):
+        run({"out_dir": str(out), "resume": True})
+    assert _snapshot(out) == before
