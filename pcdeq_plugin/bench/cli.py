@@ -188,16 +188,34 @@ def _cmd_list(args: argparse.Namespace) -> int:
     load_plugins_from_config(args.plugins or [])
     ensure_registered()
     data = {
-        "models": {n: {"family": s.family, "presets": sorted(s.presets), "description": s.description} for n, s in MODELS.items()},
-        "activations": {n: {"kind": s.kind, "description": s.description} for n, s in ACTIVATIONS.items()},
+        "models": {
+            n: {"family": s.family, "presets": sorted(s.presets), "description": s.description}
+            for n, s in MODELS.items()
+        },
+        "activations": {
+            n: {"kind": s.kind, "description": s.description} for n, s in ACTIVATIONS.items()
+        },
         "solvers": {n: {"description": s.description} for n, s in SOLVERS.items()},
-        "datasets": {n: {"shape": list(s.input_shape), "classes": s.num_classes, "description": s.description} for n, s in DATASETS.items()},
+        "datasets": {
+            n: {
+                "shape": list(s.input_shape),
+                "classes": s.num_classes,
+                "description": s.description,
+            }
+            for n, s in DATASETS.items()
+        },
         "plugins": [
-            {"name": r.name, "source": r.source, "distribution": r.distribution, "status": r.status,
-             "errors": r.errors, "provides": r.provides}
+            {
+                "name": r.name,
+                "source": r.source,
+                "distribution": r.distribution,
+                "status": r.status,
+                "errors": r.errors,
+                "provides": r.provides,
+            }
             for r in pc.plugin_report()
         ],
-    }  # fmt: skip
+    }
     if args.json:
         print(json.dumps(data, indent=2))
         return 0

@@ -57,9 +57,12 @@ def evaluate_checkpoint(
         )
     dev = select_device(device)
     model = build_model(
-        config["model"], trained_on.input_shape, trained_on.num_classes,
-        preset=config.get("preset"), **config.get("model_options", {}),
-    )  # fmt: skip
+        config["model"],
+        trained_on.input_shape,
+        trained_on.num_classes,
+        preset=config.get("preset"),
+        **config.get("model_options", {}),
+    )
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as exc:
