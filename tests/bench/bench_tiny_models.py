@@ -114,3 +114,22 @@ def pcdeq_register_models() -> dict[str, ModelSpec]:
             "bench-crash", CrashModel, "tiny", "always crashes", presets={"small": {}}
         ),
     }
+
+
+def _blobs(split: str, *, data_dir: str, download: bool, augment: bool):
+    """Two Gaussian blobs as 1x4x4 'images': the harness's dataset factory contract."""
+    from torch.utils.data import TensorDataset
+
+    generator = torch.Generator().manual_seed(0 if split == "train" else 1)
+    labels = torch.arange(64) % 2
+    images = torch.randn(64, 1, 4, 4, generator=generator) * 0.5 + labels.view(-1, 1, 1, 1) * 2.0
+    return TensorDataset(images, labels)
+
+
+@hookimpl
+def pcdeq_register_datasets():
+    from pcdeq_plugin import DatasetSpec
+
+    return {
+        "bench-blobs": DatasetSpec("bench-blobs", _blobs, (1, 4, 4), 2, "two blobs (test plugin)")
+    }
