@@ -95,3 +95,18 @@ def test_parser_rejects_bad_choices(capsys) -> None:
     assert "invalid choice: 'fp8'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--model-option", "width"])
+
+
+def test_list_names_a_broken_plugin_and_its_error(tmp_path: Path, monkeypatch, capsys) -> None:
+    (tmp_path / "bench_broken_plugin.py").write_text(
+        "from pcdeq_plugin import hookimpl\n\n"
+        "@hookimpl\n"
+        "def pcdeq_register_models():\n"
+        "    raise RuntimeError('cannot build my models')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.warns(UserWarning, match="cannot build my models"):
+        assert main(["list", "--plugin", "bench_broken_plugin"]) == 0
+    text = capsys.readouterr().out
+    assert "bench_broken_plugin: failed" in text
+    assert "error: pcdeq_register_models() raised RuntimeError: cannot build my models" in text
