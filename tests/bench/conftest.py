@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,9 +14,21 @@ HERE = Path(__file__).resolve().parent
 TINY = "bench_tiny_models"
 
 
+@pytest.fixture(autouse=True)
+def clean_plugins() -> Iterator[None]:
+    """Forget every plugin added during the test (the harness datasets, the test models, one
+    of which always crashes), so nothing leaks into other tests' registries; the next
+    lookup reloads built-ins and entry points."""
+    yield
+    from pcdeq_plugin.plugins import reset_plugins
+
+    reset_plugins()
+
+
 @pytest.fixture
-def tiny_plugin() -> str:
-    """Register the tiny test models (``bench-tiny-deq``, ``bench-crash``); returns the module path."""
+def tiny_plugin(clean_plugins: None) -> str:
+    """Register the tiny test models (``bench-tiny-deq``, ``bench-crash``) and the
+    ``bench-blobs`` dataset; returns the module path."""
     if str(HERE) not in sys.path:
         sys.path.insert(0, str(HERE))
     from pcdeq_plugin import add_plugin

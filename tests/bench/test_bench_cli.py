@@ -97,7 +97,9 @@ def test_parser_rejects_bad_choices(capsys) -> None:
         build_parser().parse_args(["train", "--model-option", "width"])
 
 
-def test_list_names_a_broken_plugin_and_its_error(tmp_path: Path, monkeypatch, capsys) -> None:
+def test_list_names_a_broken_plugin_and_its_error(
+    tmp_path: Path, monkeypatch, capsys, clean_plugins: None
+) -> None:
     (tmp_path / "bench_broken_plugin.py").write_text(
         "from pcdeq_plugin import hookimpl\n\n"
         "@hookimpl\n"

@@ -9,8 +9,10 @@ from pcdeq_plugin import list_models
 from pcdeq_plugin.bench import run
 from pcdeq_plugin.bench.config import TrainConfig
 from pcdeq_plugin.bench.resolve import resolve_config
+from pcdeq_plugin.plugins import reset_plugins
 
 MODELS = list_models()
+reset_plugins()  # collection loaded the plugins; leave the process as fresh as we found it
 
 
 @pytest.mark.parametrize("model", MODELS)
