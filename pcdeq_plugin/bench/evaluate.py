@@ -1,4 +1,4 @@
-"""``eval``: score a saved checkpoint on a dataset's test split."""
+"""Evaluation: one pass over a test loader (used every epoch), and ``eval`` of a saved checkpoint."""
 
 from __future__ import annotations
 
@@ -6,17 +6,72 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from pcdeq_plugin import build_model
 
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import ConfigError
 from .datasets import dataset_info, ensure_registered, load_dataset
-from .runtime import select_device
-from .train import evaluate, load_plugins_from_config
+from .metrics import EpochMeter, solve_summary
+from .resolve import load_plugins_from_config
+from .runtime import DistContext, autocast, select_device
 
-__all__ = ["evaluate_checkpoint"]
+__all__ = ["evaluate", "evaluate_checkpoint"]
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DistributedDataParallel wrapper (the model itself otherwise)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def model_solve_summary(model: nn.Module) -> dict[str, Any]:
+    """The latest solver statistics of an implicit model, summarised for one batch."""
+    stats = model.solver_stats() if hasattr(model, "solver_stats") else []
+    return solve_summary(stats)
+
+
+def reset_solver_stats(model: nn.Module) -> None:
+    """Clear the blocks' statistics so a batch never reports the previous batch's solves."""
+    if hasattr(model, "reset_stats"):
+        model.reset_stats()
+
+
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    amp: str = "off",
+    ctx: DistContext | None = None,
+    progress: bool | None = None,
+) -> dict[str, Any]:
+    """Test loss, accuracy and forward solver statistics of ``model`` over ``loader``."""
+    ctx = ctx or DistContext()
+    inner = unwrap(model)
+    meter = EpochMeter()
+    model.eval()
+    with torch.no_grad():
+        for x, y in tqdm(
+            loader, desc="eval", leave=False, disable=progress_disabled(progress, ctx)
+        ):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            reset_solver_stats(inner)
+            with autocast(amp, device):
+                logits = model(x)
+            loss = F.cross_entropy(logits.float(), y)
+            meter.update(loss, logits, y, model_solve_summary(inner))
+    return meter.reduce(ctx.all_reduce_sum, device).result("test_")
+
+
+def progress_disabled(progress: bool | None, ctx: DistContext) -> bool | None:
+    """tqdm's ``disable``: off on other ranks; ``None`` = only on a terminal."""
+    if not ctx.is_main or progress is False:
+        return True
+    return None if progress is None else False
 
 
 def evaluate_checkpoint(

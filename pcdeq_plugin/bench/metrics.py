@@ -17,7 +17,7 @@ from pcdeq_plugin import BlockStats
 
 from .checkpoint import atomic_write_bytes
 
-__all__ = ["EpochMeter", "solve_summary", "write_history"]
+__all__ = ["EpochMeter", "run_summary", "solve_summary", "write_history", "write_json"]
 
 # Column order of metrics.csv (JSONL lines carry the same keys).
 CSV_COLUMNS: tuple[str, ...] = (
@@ -171,3 +171,42 @@ def write_history(out_dir: Path, history: list[dict[str, Any]]) -> None:
 def write_json(path: Path, data: Any) -> None:
     """Atomic, pretty JSON."""
     atomic_write_bytes(path, (json.dumps(data, indent=2, default=str) + "\n").encode())
+
+
+def _mean(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present else None
+
+
+def run_summary(
+    identity: dict[str, Any],
+    history: list[dict[str, Any]],
+    best: dict[str, Any],
+    status: str,
+    error: str | None,
+    config: dict[str, Any],
+) -> dict[str, Any]:
+    last = history[-1] if history else {}
+    return {
+        **identity,
+        "status": status,
+        "error": error,
+        "epochs_completed": len(history),
+        "test_acc": last.get("test_acc"),
+        "train_acc": last.get("train_acc"),
+        "test_loss": last.get("test_loss"),
+        "best_epoch": best.get("epoch"),
+        "best_test_acc": best.get("test_acc"),
+        "fwd_iters": _mean([r.get("fwd_iters") for r in history]),
+        "bwd_iters": _mean([r.get("bwd_iters") for r in history]),
+        "test_fwd_iters": _mean([r.get("test_fwd_iters") for r in history]),
+        "unit": next((r["unit"] for r in history if r.get("unit")), ""),
+        "seconds_per_epoch": _mean([r.get("train_seconds") for r in history]),
+        "peak_mem_mb": max((r["peak_mem_mb"] for r in history), default=None),
+        "peak_mem_kind": last.get("peak_mem_kind"),
+        "failed_solves": sum(
+            r.get("failed_solves", 0) + r.get("test_failed_solves", 0) for r in history
+        ),
+        "config": config,
+        "history": history,
+    }

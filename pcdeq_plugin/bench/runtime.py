@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import signal
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +20,7 @@ from .config import ConfigError
 
 __all__ = [
     "DistContext",
+    "StopFlag",
     "autocast",
     "get_rng_state",
     "init_distributed",
@@ -223,3 +226,27 @@ def peak_memory(device: torch.device) -> tuple[float, str]:
     # Linux reports KiB, macOS bytes
     mib = maxrss / 2**20 if sys.platform == "darwin" else maxrss / 2**10
     return mib, "cpu_rss_high_water"
+
+
+class StopFlag:
+    """First Ctrl-C asks the loop to stop at the next batch boundary; the second one aborts."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    @contextlib.contextmanager
+    def installed(self, enabled: bool) -> Iterator[None]:
+        if not enabled or threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum: int, frame: Any) -> None:
+            if self.requested:
+                raise KeyboardInterrupt
+            self.requested = True
+
+        previous = signal.signal(signal.SIGINT, handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)

@@ -7,17 +7,15 @@ returns the run's summary metrics. Under ``torchrun`` it trains with DDP unchang
 
 from __future__ import annotations
 
-import contextlib
-import signal
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from pcdeq_plugin import UnknownNameError, build_model
@@ -26,8 +24,9 @@ from pcdeq_plugin.registry import MODELS
 from .checkpoint import CheckpointError, save_checkpoint
 from .config import ConfigError, TrainConfig
 from .datasets import dataset_info, ensure_registered, load_dataset
+from .evaluate import evaluate, model_solve_summary, progress_disabled, reset_solver_stats
 from .loaders import test_loader, train_loader
-from .metrics import EpochMeter, solve_summary, write_history, write_json
+from .metrics import EpochMeter, run_summary, write_history, write_json
 from .resolve import (
     BEST,
     LAST,
@@ -38,6 +37,7 @@ from .resolve import (
 )
 from .runtime import (
     DistContext,
+    StopFlag,
     autocast,
     check_amp,
     get_rng_state,
@@ -55,79 +55,6 @@ __all__ = ["evaluate", "load_plugins_from_config", "resolve_config", "run", "tra
 
 BatchCallback = Callable[[int, int], None]
 EpochCallback = Callable[[dict[str, Any]], None]
-
-
-def _inner(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-def _stats(model: nn.Module) -> dict[str, Any]:
-    stats = model.solver_stats() if hasattr(model, "solver_stats") else []
-    return solve_summary(stats)
-
-
-def _reset_stats(model: nn.Module) -> None:
-    if hasattr(model, "reset_stats"):
-        model.reset_stats()
-
-
-def evaluate(
-    model: nn.Module,
-    loader: DataLoader,
-    device: torch.device,
-    amp: str = "off",
-    ctx: DistContext | None = None,
-    progress: bool | None = None,
-) -> dict[str, Any]:
-    """Test loss, accuracy and forward solver statistics of ``model`` over ``loader``."""
-    ctx = ctx or DistContext()
-    inner = _inner(model)
-    meter = EpochMeter()
-    model.eval()
-    with torch.no_grad():
-        for x, y in tqdm(loader, desc="eval", leave=False, disable=_bar(progress, ctx)):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            _reset_stats(inner)
-            with autocast(amp, device):
-                logits = model(x)
-            loss = F.cross_entropy(logits.float(), y)
-            meter.update(loss, logits, y, _stats(inner))
-    return meter.reduce(ctx.all_reduce_sum, device).result("test_")
-
-
-def _bar(progress: bool | None, ctx: DistContext) -> bool | None:
-    """tqdm's ``disable``: off on other ranks; ``None`` = only on a terminal."""
-    if not ctx.is_main or progress is False:
-        return True
-    return None if progress is None else False
-
-
-class _StopFlag:
-    """First Ctrl-C asks the loop to stop at the next batch boundary; the second one aborts."""
-
-    def __init__(self) -> None:
-        self.requested = False
-
-    @contextlib.contextmanager
-    def installed(self, enabled: bool) -> Iterator[None]:
-        if not enabled or threading.current_thread() is not threading.main_thread():
-            yield
-            return
-
-        def handler(signum: int, frame: Any) -> None:
-            if self.requested:
-                raise KeyboardInterrupt
-            self.requested = True
-
-        previous = signal.signal(signal.SIGINT, handler)
-        try:
-            yield
-        finally:
-            signal.signal(signal.SIGINT, previous)
-
-
-def _param_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def run(
@@ -177,198 +104,250 @@ def _run(
     check_amp(cfg.amp, device)
     set_deterministic(cfg.deterministic)
     out = prepare_out_dir(cfg, checkpoint is not None) if ctx.is_main else None
-
     info = dataset_info(cfg.dataset)
     common = {"data_dir": cfg.data_dir, "download": cfg.download, "augment": cfg.augment}
     train_set = load_dataset(cfg.dataset, "train", limit=cfg.train_limit, **common)
     test_set = load_dataset(cfg.dataset, "test", limit=cfg.test_limit, **common)
-
     seed_everything(cfg.seed)
     model = _build(cfg, info.input_shape, info.num_classes)
-    model.to(device)
-    spec = MODELS.get(cfg.model)
-    params = _param_count(model)
-    optimizer = _make_optimizer(cfg, model)
-    milestone = cfg.effective_milestone
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(
-        optimizer, milestones=[milestone] if milestone else [], gamma=cfg.gamma
-    )
-    scaler = make_grad_scaler(cfg.amp, device)
-    if out is not None and checkpoint is None:
-        write_json(out / "config.json", cfg.to_dict())
-
-    history: list[dict[str, Any]] = []
-    best = {"epoch": None, "test_acc": None}
-    start_epoch, start_step, partial = 0, 0, None
+    trainer = _Trainer(cfg, ctx, device, model, out)
     if checkpoint is not None:
+        trainer.restore(checkpoint)
+    elif out is not None:
+        write_json(out / "config.json", cfg.to_dict())
+    trainer.wrap_for_ddp()
+    return trainer.fit(train_set, test_set, on_epoch, on_batch)
+
+
+class _Trainer:
+    """The state of one run and the loop over its epochs.
+
+    ``epoch``/``step``/``meter``/``train_seconds`` always describe the resume point an
+    interrupt would save; ``consistent`` is false while the state is half-updated (inside
+    an optimizer step, or between the scheduler step and the end-of-epoch checkpoint), and
+    then an interrupt saves nothing new: the previous checkpoint stays the resume point.
+    """
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        ctx: DistContext,
+        device: torch.device,
+        model: nn.Module,
+        out: Path | None,
+    ) -> None:
+        self.cfg, self.ctx, self.device, self.out = cfg, ctx, device, out
+        model.to(device)
+        self.model = self.inner = model
+        self.optimizer = _make_optimizer(cfg, model)
+        milestone = cfg.effective_milestone
+        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
+            self.optimizer, milestones=[milestone] if milestone else [], gamma=cfg.gamma
+        )
+        self.scaler = make_grad_scaler(cfg.amp, device)
+        self.history: list[dict[str, Any]] = []
+        self.best: dict[str, Any] = {"epoch": None, "test_acc": None}
+        self.epoch, self.step, self.meter, self.train_seconds = 0, 0, EpochMeter(), 0.0
+        self.partial: dict[str, Any] | None = None
+        self.consistent, self.training, self.tick = True, False, time.perf_counter()
+        spec = MODELS.get(cfg.model)
+        self.identity = {
+            "model": cfg.model,
+            "family": getattr(model, "family", spec.family),
+            "preset": cfg.preset,
+            "dataset": cfg.dataset,
+            "seed": cfg.seed,
+            "params": sum(p.numel() for p in model.parameters()),
+            "world_size": ctx.world_size,
+            "device": str(device),
+        }
+
+    # -- checkpoints -------------------------------------------------------------------
+    def restore(self, checkpoint: dict[str, Any]) -> None:
         try:
-            model.load_state_dict(checkpoint["model"])
+            self.inner.load_state_dict(checkpoint["model"])
         except RuntimeError as exc:
             raise CheckpointError(
-                f"the checkpoint in {cfg.out_dir} does not fit model {cfg.model!r} as built now "
-                f"(did the model code or its options change?): {str(exc).splitlines()[0]}"
+                f"the checkpoint in {self.cfg.out_dir} does not fit model {self.cfg.model!r} as "
+                f"built now (did the model code or its options change?): {str(exc).splitlines()[0]}"
             ) from exc
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        if scaler is not None and checkpoint.get("scaler"):
-            scaler.load_state_dict(checkpoint["scaler"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        if self.scaler is not None and checkpoint.get("scaler"):
+            self.scaler.load_state_dict(checkpoint["scaler"])
         set_rng_state(checkpoint["rng"])
-        history = list(checkpoint.get("history", []))
-        best = dict(checkpoint.get("best", best))
-        start_epoch, start_step = int(checkpoint["epoch"]), int(checkpoint.get("step", 0))
-        partial = checkpoint.get("partial")
+        self.history = list(checkpoint.get("history", []))
+        self.best = dict(checkpoint.get("best", self.best))
+        self.epoch, self.step = int(checkpoint["epoch"]), int(checkpoint.get("step", 0))
+        self.partial = checkpoint.get("partial")
 
-    if ctx.enabled:
-        ddp_args = {"device_ids": [device.index]} if device.type == "cuda" else {}
-        model = nn.parallel.DistributedDataParallel(model, **ddp_args)
-    inner = _inner(model)
-    pin = device.type == "cuda"
-    eval_loader = test_loader(test_set, cfg, ctx, pin)
-
-    identity = {
-        "model": cfg.model,
-        "family": getattr(inner, "family", spec.family),
-        "preset": cfg.preset,
-        "dataset": cfg.dataset,
-        "seed": cfg.seed,
-        "params": params,
-        "world_size": ctx.world_size,
-        "device": str(device),
-    }
-
-    def state(epoch: int, step: int, meter: EpochMeter | None, seconds: float) -> dict[str, Any]:
+    def state(
+        self, epoch: int, step: int, meter: EpochMeter | None, seconds: float
+    ) -> dict[str, Any]:
+        """Everything a resume needs, as plain data."""
         return {
-            "config": cfg.to_dict(),
-            "model": inner.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
+            "config": self.cfg.to_dict(),
+            "model": self.inner.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "rng": get_rng_state(),
             "epoch": epoch,
             "step": step,
             "partial": None if meter is None else {"meter": meter.state(), "seconds": seconds},
-            "history": history,
-            "best": best,
-            "identity": identity,
+            "history": self.history,
+            "best": self.best,
+            "identity": self.identity,
         }
 
-    def finish(status: str, error: str | None = None) -> dict[str, Any]:
-        summary = _summary(identity, history, best, status, error, cfg)
-        if out is not None:
-            write_history(out, history)
-            write_json(out / "summary.json", summary)
-        return summary
+    def wrap_for_ddp(self) -> None:
+        if self.ctx.enabled:
+            ddp_args = {"device_ids": [self.device.index]} if self.device.type == "cuda" else {}
+            self.model = nn.parallel.DistributedDataParallel(self.inner, **ddp_args)
 
-    stop = _StopFlag()
-    epoch, step, meter, train_seconds = start_epoch, start_step, EpochMeter(), 0.0
-    # False while the state is half-updated (inside an optimizer step, or between the
-    # scheduler step and the end-of-epoch checkpoint): an interrupt then saves nothing new
-    # and the previous checkpoint stays the resume point.
-    consistent = True
-    tick, training = time.perf_counter(), False
-    try:
-        with stop.installed(enabled=not ctx.enabled):
-            for epoch in range(start_epoch, cfg.epochs):
-                step, meter, train_seconds = 0, EpochMeter(), 0.0
-                if epoch == start_epoch and partial is not None:
-                    step = start_step
-                    meter = EpochMeter(**partial["meter"])
-                    train_seconds = float(partial["seconds"])
-                reset_peak_memory(device)
-                lr = optimizer.param_groups[0]["lr"]
-                loader = train_loader(train_set, cfg, ctx, epoch, step, pin)
-                model.train()
-                tick, training = time.perf_counter(), True
-                bar = tqdm(
-                    loader,
-                    desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                    leave=False,
-                    disable=_bar(cfg.progress, ctx),
-                )
-                for x, y in bar:
-                    consistent = False
-                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                    _reset_stats(inner)
-                    optimizer.zero_grad(set_to_none=True)
-                    with autocast(cfg.amp, device):
-                        logits = model(x)
-                    loss = F.cross_entropy(logits.float(), y)
-                    if scaler is not None:
-                        scaler.scale(loss).backward()
-                        scaler.step(optimizer)
-                        scaler.update()
-                    else:
-                        loss.backward()
-                        optimizer.step()
-                    if hasattr(inner, "after_optimizer_step"):
-                        inner.after_optimizer_step()  # on the wrapped module under DDP
-                    meter.update(loss, logits, y, _stats(inner))
-                    step += 1
-                    consistent = True
-                    if on_batch is not None:
-                        on_batch(epoch, step)
+    # -- the loop ----------------------------------------------------------------------
+    def fit(
+        self,
+        train_set: Dataset,
+        test_set: Dataset,
+        on_epoch: EpochCallback | None,
+        on_batch: BatchCallback | None,
+    ) -> dict[str, Any]:
+        cfg = self.cfg
+        pin = self.device.type == "cuda"
+        eval_loader = test_loader(test_set, cfg, self.ctx, pin)
+        stop = StopFlag()
+        try:
+            with stop.installed(enabled=not self.ctx.enabled):
+                for epoch in range(self.epoch, cfg.epochs):
+                    self._start_epoch(epoch)
+                    loader = train_loader(train_set, cfg, self.ctx, epoch, self.step, pin)
+                    self._train(loader, stop, on_batch)
+                    tick = time.perf_counter()
+                    test = evaluate(
+                        self.model, eval_loader, self.device, cfg.amp, self.ctx, cfg.progress
+                    )
+                    row = self._end_epoch(test, time.perf_counter() - tick)
+                    if on_epoch is not None:
+                        on_epoch(dict(row, **self.identity))
                     if stop.requested:
                         raise KeyboardInterrupt
-                train_seconds += time.perf_counter() - tick
-                training = False
-                train = meter.reduce(ctx.all_reduce_sum, device).result("")
-                tick = time.perf_counter()
-                test = evaluate(model, eval_loader, device, cfg.amp, ctx, cfg.progress)
-                test_seconds = time.perf_counter() - tick
-                consistent = False
-                scheduler.step()
-                mem, mem_kind = peak_memory(device)
-                row = {
-                    "epoch": epoch + 1,
-                    "lr": lr,
-                    "train_loss": train["loss"],
-                    "train_acc": train["acc"],
-                    "test_loss": test["test_loss"],
-                    "test_acc": test["test_acc"],
-                    "fwd_iters": train["fwd_iters"],
-                    "bwd_iters": train["bwd_iters"],
-                    "test_fwd_iters": test["test_fwd_iters"],
-                    "unit": meter.unit or "",
-                    "max_residual": train["max_residual"],
-                    "failed_solves": train["failed_solves"],
-                    "test_failed_solves": test["test_failed_solves"],
-                    "nonfinite_batches": train["nonfinite_batches"],
-                    "train_seconds": train_seconds,
-                    "test_seconds": test_seconds,
-                    "epoch_seconds": train_seconds + test_seconds,
-                    "peak_mem_mb": mem,
-                    "peak_mem_kind": mem_kind,
-                }
-                history.append(row)
-                improved = best["test_acc"] is None or (test["test_acc"] or 0.0) > best["test_acc"]
-                if improved:
-                    best = {"epoch": epoch + 1, "test_acc": test["test_acc"]}
-                if out is not None:
-                    snapshot = state(epoch + 1, 0, None, 0.0)
-                    save_checkpoint(out / LAST, snapshot)
-                    if improved:
-                        save_checkpoint(out / BEST, snapshot)
-                    write_history(out, history)
-                consistent = True
-                if on_epoch is not None:
-                    on_epoch(dict(row, **identity))
-                partial = None
-                if stop.requested:
-                    raise KeyboardInterrupt
-    except KeyboardInterrupt:
-        epoch_saved = len(history) > epoch  # this epoch's row and checkpoint are written
-        if out is not None and consistent and not epoch_saved:
-            if training:
-                train_seconds += time.perf_counter() - tick
-            # a mid-epoch checkpoint: resume skips the `step` batches already trained
-            save_checkpoint(out / LAST, state(epoch, step, meter, train_seconds))
-        finish("interrupted", "KeyboardInterrupt")
-        raise
-    except Exception as exc:
-        finish("failed", f"{type(exc).__name__}: {exc}")
-        raise
-    ctx.barrier()
-    return finish("ok")
+        except KeyboardInterrupt:
+            epoch_saved = len(self.history) > self.epoch  # its row and checkpoint are written
+            if self.out is not None and self.consistent and not epoch_saved:
+                if self.training:
+                    self.train_seconds += time.perf_counter() - self.tick
+                # a mid-epoch checkpoint: resume skips the `step` batches already trained
+                save_checkpoint(
+                    self.out / LAST,
+                    self.state(self.epoch, self.step, self.meter, self.train_seconds),
+                )
+            self.finish("interrupted", "KeyboardInterrupt")
+            raise
+        except Exception as exc:
+            self.finish("failed", f"{type(exc).__name__}: {exc}")
+            raise
+        self.ctx.barrier()
+        return self.finish("ok")
+
+    def _start_epoch(self, epoch: int) -> None:
+        resuming = epoch == self.epoch and self.partial is not None
+        self.epoch = epoch
+        if resuming:
+            self.meter = EpochMeter(**self.partial["meter"])
+            self.train_seconds = float(self.partial["seconds"])
+        else:
+            self.step, self.meter, self.train_seconds = 0, EpochMeter(), 0.0
+        self.partial = None
+        reset_peak_memory(self.device)
+        self.lr = self.optimizer.param_groups[0]["lr"]
+
+    def _train(self, loader: DataLoader, stop: StopFlag, on_batch: BatchCallback | None) -> None:
+        cfg, model, inner, device = self.cfg, self.model, self.inner, self.device
+        model.train()
+        self.tick, self.training = time.perf_counter(), True
+        bar = tqdm(
+            loader,
+            desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
+            leave=False,
+            disable=progress_disabled(cfg.progress, self.ctx),
+        )
+        for x, y in bar:
+            self.consistent = False
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            reset_solver_stats(inner)
+            self.optimizer.zero_grad(set_to_none=True)
+            with autocast(cfg.amp, device):
+                logits = model(x)
+            loss = F.cross_entropy(logits.float(), y)
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                loss.backward()
+                self.optimizer.step()
+            if hasattr(inner, "after_optimizer_step"):
+                inner.after_optimizer_step()  # on the wrapped module under DDP
+            self.meter.update(loss, logits, y, model_solve_summary(inner))
+            self.step += 1
+            self.consistent = True
+            if on_batch is not None:
+                on_batch(self.epoch, self.step)
+            if stop.requested:
+                raise KeyboardInterrupt
+        self.train_seconds += time.perf_counter() - self.tick
+        self.training = False
+
+    def _end_epoch(self, test: dict[str, Any], test_seconds: float) -> dict[str, Any]:
+        train = self.meter.reduce(self.ctx.all_reduce_sum, self.device).result("")
+        self.consistent = False
+        self.scheduler.step()
+        mem, mem_kind = peak_memory(self.device)
+        row = {
+            "epoch": self.epoch + 1,
+            "lr": self.lr,
+            "train_loss": train["loss"],
+            "train_acc": train["acc"],
+            "test_loss": test["test_loss"],
+            "test_acc": test["test_acc"],
+            "fwd_iters": train["fwd_iters"],
+            "bwd_iters": train["bwd_iters"],
+            "test_fwd_iters": test["test_fwd_iters"],
+            "unit": self.meter.unit or "",
+            "max_residual": train["max_residual"],
+            "failed_solves": train["failed_solves"],
+            "test_failed_solves": test["test_failed_solves"],
+            "nonfinite_batches": train["nonfinite_batches"],
+            "train_seconds": self.train_seconds,
+            "test_seconds": test_seconds,
+            "epoch_seconds": self.train_seconds + test_seconds,
+            "peak_mem_mb": mem,
+            "peak_mem_kind": mem_kind,
+        }
+        self.history.append(row)
+        improved = (
+            self.best["test_acc"] is None or (test["test_acc"] or 0.0) > self.best["test_acc"]
+        )
+        if improved:
+            self.best = {"epoch": self.epoch + 1, "test_acc": test["test_acc"]}
+        if self.out is not None:
+            snapshot = self.state(self.epoch + 1, 0, None, 0.0)
+            save_checkpoint(self.out / LAST, snapshot)
+            if improved:
+                save_checkpoint(self.out / BEST, snapshot)
+            write_history(self.out, self.history)
+        self.consistent = True
+        return row
+
+    def finish(self, status: str, error: str | None = None) -> dict[str, Any]:
+        summary = run_summary(
+            self.identity, self.history, self.best, status, error, self.cfg.to_dict()
+        )
+        if self.out is not None:
+            write_history(self.out, self.history)
+            write_json(self.out / "summary.json", summary)
+        return summary
 
 
 def _build(cfg: TrainConfig, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
@@ -394,42 +373,3 @@ def _make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
     return torch.optim.SGD(
         model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay
     )
-
-
-def _mean(values: list[float | None]) -> float | None:
-    present = [v for v in values if v is not None]
-    return sum(present) / len(present) if present else None
-
-
-def _summary(
-    identity: dict[str, Any],
-    history: list[dict[str, Any]],
-    best: dict[str, Any],
-    status: str,
-    error: str | None,
-    cfg: TrainConfig,
-) -> dict[str, Any]:
-    last = history[-1] if history else {}
-    return {
-        **identity,
-        "status": status,
-        "error": error,
-        "epochs_completed": len(history),
-        "test_acc": last.get("test_acc"),
-        "train_acc": last.get("train_acc"),
-        "test_loss": last.get("test_loss"),
-        "best_epoch": best.get("epoch"),
-        "best_test_acc": best.get("test_acc"),
-        "fwd_iters": _mean([r.get("fwd_iters") for r in history]),
-        "bwd_iters": _mean([r.get("bwd_iters") for r in history]),
-        "test_fwd_iters": _mean([r.get("test_fwd_iters") for r in history]),
-        "unit": next((r["unit"] for r in history if r.get("unit")), ""),
-        "seconds_per_epoch": _mean([r.get("train_seconds") for r in history]),
-        "peak_mem_mb": max((r["peak_mem_mb"] for r in history), default=None),
-        "peak_mem_kind": last.get("peak_mem_kind"),
-        "failed_solves": sum(
-            r.get("failed_solves", 0) + r.get("test_failed_solves", 0) for r in history
-        ),
-        "config": cfg.to_dict(),
-        "history": history,
-    }
