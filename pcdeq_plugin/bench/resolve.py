@@ -88,7 +88,8 @@ def resolve_config(given: dict[str, Any]) -> tuple[TrainConfig, dict[str, Any] |
     else:
         spec = MODELS.get(given.get("model", merged["model"]))
         recipe = training_recipe(spec.training, given.get("dataset", merged["dataset"]))
-        if "epochs" in given and "milestone" not in given:
+        other_length = "epochs" in given and given["epochs"] != recipe.get("epochs")
+        if other_length and "milestone" not in given:
             recipe.pop("milestone", None)  # the recipe's milestone belongs to its epoch count
         merged.update(recipe)
     merged.update(given)

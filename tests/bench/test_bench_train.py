@@ -222,6 +222,11 @@ def test_config_precedence_and_recipes(tiny_config: dict) -> None:
         "svhn",
     )
     assert recipe == {"lr": 5e-4, "epochs": 80, "milestone": 70}
+    # the real pcDEQ recipe: its milestone applies at its own length, not at another one
+    cfg, _ = resolve_config({"model": "pcdeq-linear-1", "dataset": "mnist5k", "epochs": 40})
+    assert cfg.effective_milestone == 30 and cfg.weight_decay == 1.5e-2
+    cfg, _ = resolve_config({"model": "pcdeq-linear-1", "epochs": 8})
+    assert cfg.effective_milestone == 6  # 3/4 of the run
     assert TrainConfig(epochs=40).effective_milestone == 30
     assert TrainConfig(epochs=1).effective_milestone is None
     assert TrainConfig(epochs=10, milestone=0).effective_milestone is None
