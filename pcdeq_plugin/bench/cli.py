@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pcdeq-bench", description="Train and compare implicit models."
     )
+    from pcdeq_plugin import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("list", help="registered models, activations, solvers, datasets and plugins")

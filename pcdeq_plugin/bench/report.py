@@ -144,7 +144,7 @@ def render_markdown(rows: list[dict[str, Any]], meta: dict[str, Any] | None = No
     meta = meta or {}
     header = [
         "model", "family", "preset", "test acc % (mean ± std)", "params", "fwd iters/NFE",
-        "bwd iters/NFE", "s/epoch", "peak mem MiB", "failed solves", "runs ok",
+        "bwd iters/NFE", "train s/epoch", "peak mem MiB", "failed solves", "runs ok",
     ]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     notes = []

@@ -89,6 +89,14 @@ def test_corrupt_checkpoint_via_cli(tiny_plugin: str, tmp_path: Path, capsys) ->
     assert main(["eval", str(out / "last.pt")]) == 2
 
 
+def test_version(capsys) -> None:
+    from pcdeq_plugin import __version__
+
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.strip() == f"pcdeq-bench {__version__}"
+
+
 def test_parser_rejects_bad_choices(capsys) -> None:
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--amp", "fp8"])
