@@ -205,7 +205,8 @@ def compare(
             ):
                 say(f"[compare] {model} seed {seed}: finished earlier, reused")
                 continue
-            if resume and run_dir.is_dir() and not (run_dir / "last.pt").is_file():
+            attempted = run_dir.is_dir() and any(run_dir.iterdir())
+            if resume and attempted and not (run_dir / "last.pt").is_file():
                 # a failed earlier attempt: keep it for inspection, start this seed afresh
                 run_dir.rename(run_dir.with_name(f"seed{seed}.failed-{int(time.time())}"))
             run_dir.mkdir(parents=True, exist_ok=True)

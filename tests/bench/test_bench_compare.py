@@ -71,6 +71,22 @@ def test_compare_in_process_reports_ok_failed_and_unregistered(
         **SMALL,
     )
     assert resumed["rows"][0]["test_acc_mean"] == tiny["test_acc_mean"]
+    # a failed seed is retried on resume; the failed attempt is kept aside, not counted
+    retried = compare(
+        ["bench-crash"],
+        [0, 1],
+        out_dir=out,
+        isolate=False,
+        resume=True,
+        log=None,
+        plots=False,
+        **SMALL,
+    )
+    assert retried["rows"][0]["status"] == "failed" and retried["rows"][0]["runs"] == 2
+    kept = sorted(
+        p.name.split(".")[0] for p in (out / "runs" / "bench-crash").glob("seed*.failed-*")
+    )
+    assert kept == ["seed0", "seed1"]
 
 
 def test_compare_rejects_options_it_sets_itself(tmp_path: Path) -> None:
