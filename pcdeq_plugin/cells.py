@@ -86,7 +86,9 @@ class PcDEQBlock(ImplicitBlock):
 
     Raises:
         ValueError: unknown variant or constraint, or an activation that does not fit.
-        UnknownNameError: unknown activation name (the message lists the available ones).
+        UnknownNameError: unknown activation or solver name (the message lists the
+            available ones).
+        TypeError: solver options the named solver does not take.
     """
 
     def __init__(
@@ -116,6 +118,11 @@ class PcDEQBlock(ImplicitBlock):
             config = SolverConfig()
         if not isinstance(config, SolverConfig):
             raise TypeError(f"config must be a SolverConfig, got {type(config).__name__}")
+        from .implicit import make_solvers
+
+        # resolve the solver names and options now, so a typo fails at construction (with
+        # the registered names) rather than at the first forward pass
+        make_solvers(config)
         self.beta = float(beta)
         self.injection_floor = float(injection_floor)
         self.config = config

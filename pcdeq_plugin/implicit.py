@@ -39,7 +39,7 @@ from collections.abc import Callable
 import torch
 
 from .interface import BlockStats, ConvergenceError, ConvergenceWarning, SolverConfig, SolveStats
-from .registry import FixedPointSolver, get_solver
+from .registry import FixedPointSolver, UnknownNameError, get_solver
 
 __all__ = ["enforce_failure_policy", "make_solvers", "solve_implicit"]
 
@@ -103,11 +103,22 @@ def make_solvers(config: SolverConfig) -> tuple[FixedPointSolver, FixedPointSolv
     ``config.solver_options`` go to the forward solver, and to the backward solver only
     when it is the same solver (another solver would not know the options).
     """
-    forward = get_solver(config.solver, **config.solver_options)
+    forward = _build_solver("solver", config.solver, config.solver_options)
     backward_name = config.effective_backward_solver
     backward_options = config.solver_options if backward_name == config.solver else {}
-    backward = get_solver(backward_name, **backward_options)
+    field = "backward_solver" if config.backward_solver is not None else "solver"
+    backward = _build_solver(field, backward_name, backward_options)
     return forward, backward
+
+
+def _build_solver(field: str, name: str, options: dict) -> FixedPointSolver:
+    """``get_solver(name, **options)``; errors say which SolverConfig field was wrong."""
+    try:
+        return get_solver(name, **options)
+    except UnknownNameError as exc:
+        raise UnknownNameError(f"SolverConfig.{field}: {exc}") from None
+    except TypeError as exc:
+        raise TypeError(f"SolverConfig.solver_options: {exc}") from None
 
 
 def _autocast_off(device_type: str) -> contextlib.AbstractContextManager[None]:

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -31,6 +32,7 @@ __all__ = [
     "ImplicitModel",
     "SolveStats",
     "SolverConfig",
+    "split_solver_options",
 ]
 
 FailurePolicy = Literal["ignore", "warn", "raise"]
@@ -155,24 +157,32 @@ class SolverConfig:
     solver_options: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.tol, (int, float)) and self.tol > 0 and math.isfinite(self.tol)):
-            raise ValueError(f"tol must be a positive finite number, got {self.tol!r}")
-        if not (isinstance(self.max_iter, int) and self.max_iter >= 1):
-            raise ValueError(f"max_iter must be an integer >= 1, got {self.max_iter!r}")
-        if self.backward_tol is not None and not (self.backward_tol > 0):
-            raise ValueError(f"backward_tol must be positive, got {self.backward_tol!r}")
-        if self.backward_max_iter is not None and not (
-            isinstance(self.backward_max_iter, int) and self.backward_max_iter >= 1
-        ):
-            raise ValueError(
-                f"backward_max_iter must be an integer >= 1, got {self.backward_max_iter!r}"
-            )
-        if not (isinstance(self.check_every, int) and self.check_every >= 1):
-            raise ValueError(f"check_every must be an integer >= 1, got {self.check_every!r}")
+        _check_name("solver", self.solver)
+        if self.backward_solver is not None:
+            _check_name("backward_solver", self.backward_solver)
+        _check_tolerance("tol", self.tol)
+        _check_count("max_iter", self.max_iter)
+        if self.backward_tol is not None:
+            _check_tolerance("backward_tol", self.backward_tol)
+        if self.backward_max_iter is not None:
+            _check_count("backward_max_iter", self.backward_max_iter)
+        _check_count("check_every", self.check_every)
         if self.on_failure not in FAILURE_POLICIES:
             raise ValueError(
                 f"unknown on_failure {self.on_failure!r}; choose one of {', '.join(FAILURE_POLICIES)}"
             )
+        if not isinstance(self.solver_options, Mapping) or not all(
+            isinstance(key, str) for key in self.solver_options
+        ):
+            raise TypeError(
+                "solver_options must be a dict of keyword options for the solver (e.g. "
+                f"{{'memory': 5}} for 'anderson'), got {self.solver_options!r}"
+            )
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        """The names of the fields, in order (the keyword options a model forwards here)."""
+        return tuple(f.name for f in dataclasses.fields(cls))
 
     @property
     def effective_backward_solver(self) -> str:
@@ -188,11 +198,47 @@ class SolverConfig:
 
     def replace(self, **changes: object) -> SolverConfig:
         """A copy with some fields changed (validated again)."""
-        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        unknown = sorted(set(changes) - set(self.field_names()))
         if unknown:
-            valid = ", ".join(f.name for f in dataclasses.fields(self))
+            valid = ", ".join(self.field_names())
             raise TypeError(f"unknown SolverConfig field(s) {unknown}; valid fields: {valid}")
         return dataclasses.replace(self, **changes)
+
+
+def _check_name(field_name: str, value: object) -> None:
+    if not (isinstance(value, str) and value):
+        raise TypeError(
+            f"{field_name} must be the name of a registered solver (a string, see "
+            f"pcdeq_plugin.list_solvers()), got {value!r}"
+        )
+
+
+def _check_tolerance(field_name: str, value: object) -> None:
+    # bool is an int subclass: tol=True would silently mean 1.0
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not (number and value > 0 and math.isfinite(value)):  # type: ignore[operator]
+        raise ValueError(f"{field_name} must be a positive finite number, got {value!r}")
+
+
+def _check_count(field_name: str, value: object) -> None:
+    if isinstance(value, bool) or not (isinstance(value, int) and value >= 1):
+        raise ValueError(f"{field_name} must be an integer >= 1, got {value!r}")
+
+
+def split_solver_options(options: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split keyword options into :class:`SolverConfig` fields and the rest.
+
+    Model factories take solver settings and their own options as one flat ``**overrides``;
+    this separates them so that ``SolverConfig(**solver_part)`` gets exactly its fields.
+
+    Returns:
+        ``(solver_part, rest)``: two new dicts; ``solver_part`` holds the keys of
+        :meth:`SolverConfig.field_names`, ``rest`` everything else (for the caller to check).
+    """
+    fields = set(SolverConfig.field_names())
+    solver_part = {k: v for k, v in options.items() if k in fields}
+    rest = {k: v for k, v in options.items() if k not in fields}
+    return solver_part, rest
 
 
 class ImplicitBlock(nn.Module):

@@ -23,7 +23,7 @@ from torch import nn
 
 from .cells import PcDEQConv, PcDEQLinear
 from .hookspecs import hookimpl
-from .interface import ImplicitModel, SolverConfig
+from .interface import ImplicitModel, SolverConfig, split_solver_options
 from .registry import ModelSpec
 
 __all__ = [
@@ -34,7 +34,7 @@ __all__ = [
     "build_pcdeq",
 ]
 
-# keyword overrides passed to every block / collected into its SolverConfig
+# keyword overrides passed to every block; the SolverConfig fields are collected into its config
 _BLOCK_KEYS = (
     "activation",
     "beta",
@@ -42,17 +42,6 @@ _BLOCK_KEYS = (
     "constraint",
     "init_scale",
     "check_inputs",
-)
-_CONFIG_KEYS = (
-    "solver",
-    "tol",
-    "max_iter",
-    "backward_solver",
-    "backward_tol",
-    "backward_max_iter",
-    "check_every",
-    "on_failure",
-    "solver_options",
 )
 
 
@@ -178,6 +167,13 @@ def _check_image_batch(x: torch.Tensor, input_shape: tuple[int, ...]) -> None:
             f"expected a batch of images of shape [batch, {', '.join(map(str, input_shape))}], "
             f"got {got}"
         )
+    if not x.is_floating_point():
+        raise TypeError(
+            f"expected a floating-point batch of images, got dtype {x.dtype} (convert with "
+            "x.float(), scaled as the model was trained)"
+        )
+    if x.shape[0] == 0:
+        raise ValueError("expected a non-empty batch of images, got batch size 0")
 
 
 # -- widths, presets, factories -------------------------------------------------------------
@@ -264,8 +260,9 @@ def build_pcdeq(
     if arch not in _NETS:
         raise ValueError(f"unknown pcDEQ architecture {arch!r}; available: {', '.join(_NETS)}")
     width_keys = ("width", "widths") if arch != "multi-conv" else ("widths",)
-    valid = (*width_keys, *_BLOCK_KEYS, *_CONFIG_KEYS)
-    unknown = sorted(set(overrides) - set(valid))
+    valid = (*width_keys, *_BLOCK_KEYS, *SolverConfig.field_names())
+    solver_options, rest = split_solver_options(overrides)
+    unknown = sorted(set(rest) - set(valid))
     if unknown:
         raise TypeError(
             f"pcdeq-{arch}-{variant}: unknown option(s) {', '.join(unknown)}; valid options: "
@@ -276,8 +273,8 @@ def build_pcdeq(
         raise TypeError("give either width or widths, not both")
     widths = overrides[given[0]] if given else _default_width(arch, input_shape)
     widths = _check_widths(arch, widths)
-    config = SolverConfig(**{k: overrides[k] for k in _CONFIG_KEYS if k in overrides})
-    block_kwargs = {k: overrides[k] for k in _BLOCK_KEYS if k in overrides}
+    config = SolverConfig(**solver_options)
+    block_kwargs = {k: rest[k] for k in _BLOCK_KEYS if k in rest}
     return _NETS[arch](
         tuple(input_shape), num_classes, widths, variant=variant, config=config, **block_kwargs
     )

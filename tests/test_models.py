@@ -162,3 +162,31 @@ def test_bad_overrides_and_inputs() -> None:
         model(torch.rand(2, 16))
     with pytest.raises(ValueError, match="NaN/Inf"):
         model(torch.full((2, 1, 4, 4), float("nan")))
+
+
+def test_solver_mistakes_fail_at_build_time_naming_the_field() -> None:
+    """A solver typo must not wait for the first forward pass to surface."""
+    with pytest.raises(
+        P.UnknownNameError, match=r"SolverConfig.solver: unknown solver 'newton'; available: "
+    ):
+        P.build_model("pcdeq-linear-1", MNIST, 10, solver="newton")
+    with pytest.raises(P.UnknownNameError, match=r"SolverConfig.backward_solver: .*'broyden'"):
+        P.build_model("pcdeq-linear-1", MNIST, 10, backward_solver="broyden")
+    with pytest.raises(TypeError, match=r"solver_options.*\['m'\].*valid options: memory"):
+        P.build_model("pcdeq-linear-1", MNIST, 10, solver="anderson", solver_options={"m": 3})
+    with pytest.raises(TypeError, match=r"\['memory'\] for solver 'fixed_point'.*\(none\)"):
+        P.build_model("pcdeq-linear-1", MNIST, 10, solver_options={"memory": 3})
+    with pytest.raises(ValueError, match="tol must be a positive finite number, got True"):
+        P.build_model("pcdeq-linear-1", MNIST, 10, tol=True)
+
+
+def test_input_batches_of_the_wrong_kind() -> None:
+    model = P.build_model("pcdeq-linear-1", (1, 4, 4), 3, width=3).eval()
+    with pytest.raises(TypeError, match="floating-point batch of images, got dtype torch.int64"):
+        model(torch.ones(2, 1, 4, 4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="non-empty batch of images, got batch size 0"):
+        model(torch.rand(0, 1, 4, 4))
+    with pytest.raises(ValueError, match=r"shape \[batch, 1, 4, 4\], got ndarray"):
+        model(torch.rand(2, 1, 4, 4).numpy())
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        model(torch.full((2, 1, 4, 4), float("inf")))
