@@ -8,6 +8,7 @@ twice raises :class:`DuplicateNameError` naming both providers.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, Literal, Protocol, TypeVar
@@ -329,11 +330,26 @@ def build_model(
             )
         options.update(spec.presets[preset])
     options.update(overrides)
-    if len(tuple(input_shape)) != 3:
-        raise ValueError(f"input_shape must be (channels, height, width), got {input_shape!r}")
-    if not (isinstance(num_classes, int) and num_classes >= 2):
+    shape = _check_input_shape(input_shape)
+    if isinstance(num_classes, bool) or not (isinstance(num_classes, int) and num_classes >= 2):
         raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
-    return spec.factory(tuple(int(s) for s in input_shape), num_classes, **options)
+    return spec.factory(shape, num_classes, **options)
+
+
+def _check_input_shape(input_shape: object) -> tuple[int, int, int]:
+    """``input_shape`` as a tuple of three positive ints (accepts torch.Size, numpy ints)."""
+    try:
+        given = list(input_shape)  # type: ignore[call-overload]
+        # operator.index refuses floats (28.5 must not silently become 28); bool is refused below
+        dims = [operator.index(d) for d in given]
+    except TypeError:
+        given, dims = [], []
+    if len(dims) != 3 or min(dims) < 1 or any(isinstance(d, bool) for d in given):
+        raise ValueError(
+            f"input_shape must be (channels, height, width), three integers >= 1, e.g. "
+            f"(1, 28, 28), got {input_shape!r}"
+        )
+    return (dims[0], dims[1], dims[2])
 
 
 def list_activations() -> list[str]:

@@ -100,6 +100,12 @@ def test_build_model_errors() -> None:
         build_model("pcdeq-linear-1", preset="imagenet")
     with pytest.raises(ValueError, match="input_shape must be"):
         build_model("pcdeq-linear-1", (28, 28))
+    # not silently truncated or passed on to torch: each names the rule and the value
+    for bad in (28, (1, 28.5, 28), (1, -28, 28), (1, 0, 28), (True, 28, 28), "1x28x28"):
+        with pytest.raises(ValueError, match=r"three integers >= 1, e.g. \(1, 28, 28\), got"):
+            build_model("pcdeq-linear-1", bad)  # type: ignore[arg-type]
+    model = build_model("pcdeq-linear-1", torch.Size([1, 4, 4]), 3, width=3)
+    assert model.input_shape == (1, 4, 4)
     with pytest.raises(ValueError, match="num_classes must be an integer >= 2"):
         build_model("pcdeq-linear-1", (1, 28, 28), 1)
 
