@@ -169,7 +169,11 @@ def _merge(plugin: object, record: PluginRecord, strict: bool) -> None:
                     registry.register(name, spec, provider=record.name)
                 except Exception as exc:
                     record.status = "failed"
-                    _report_problem(record, f"{registry.kind} {name!r} refused: {exc}", strict)
+                    text = str(exc)
+                    prefix = f"{registry.kind} {name!r} refused"
+                    # activation checks already start with "activation 'x' refused: ..."
+                    message = text if text.startswith(prefix) else f"{prefix}: {text}"
+                    _report_problem(record, message, strict)
                 else:
                     record.provides.setdefault(registry.kind, []).append(name)
 

@@ -107,6 +107,9 @@ def test_import_loads_no_plugin() -> None:
         "import sys, pcdeq_plugin, pcdeq_plugin.plugins as p; "
         "print(p._state.loaded, 'pcdeq_plugin.models' in sys.modules, "
         "'pcdeq_baselines' in sys.modules, 'torchdeq' in sys.modules); "
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('torchdeq', 'torchdiffeq', 'torchvision', 'matplotlib', 'pcdeq_baselines') "
+        "or m.startswith('pcdeq_plugin.bench')); print(heavy or 'none'); "
         "pcdeq_plugin.list_solvers(); print(p._state.loaded)"
     )
     env = {**os.environ, "PCDEQ_BLOCK_PLUGINS": "pcdeq_baselines"}  # keep the child cheap
@@ -114,7 +117,7 @@ def test_import_loads_no_plugin() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env
     )
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["False", "False", "False", "False", "True"]
+    assert out.stdout.split() == ["False", "False", "False", "False", "none", "True"]
 
 
 def test_builtins_register_through_the_hooks(clean) -> None:
@@ -237,9 +240,14 @@ def test_convex_activation_from_a_plugin_is_refused(make_dist) -> None:
             """
         },
     )
-    with pytest.warns(PluginWarning, match=r"'convex'.*'softplus_bad'.*not concave on \[0, inf\)"):
+    with pytest.warns(
+        PluginWarning, match=r"'convex'.*'softplus_bad'.*not concave on \[0, inf\)"
+    ) as caught:
         names = pcdeq_plugin.list_activations()
     assert "softplus_bad" not in names and "tanh" in names
+    texts = [str(w.message) for w in caught]
+    # the refusal is said once, not "activation 'x' refused: activation 'x' refused: ..."
+    assert all(t.count("'softplus_bad' refused") == 1 for t in texts if "softplus_bad" in t)
 
 
 def test_duplicate_spec_name_names_both_providers(make_dist) -> None:
