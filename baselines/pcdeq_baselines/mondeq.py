@@ -47,6 +47,7 @@ from .mondeq_block import MonDEQBlock
 from .mondeq_multitier import MonMultiTierOperator
 from .mondeq_ops import MonFcOperator, MonSingleConvOperator
 from .mondeq_splitting import SPLITTINGS
+from .options import check_count, check_counts, check_input_shape, check_overrides, is_mnist_like
 
 __all__ = [
     "MODEL_SPECS",
@@ -66,6 +67,11 @@ __all__ = [
 class _MonDEQNet(ImplicitModel):
     family = "mondeq"
     block: MonDEQBlock
+    input_shape: tuple[int, int, int]
+
+    def _check(self, x: torch.Tensor) -> torch.Tensor:
+        check_input_shape(x, self.input_shape, type(self).__name__)
+        return x
 
     def tune_alpha(self, x: torch.Tensor) -> float:
         """Re-tune the splitting step size on the batch ``x`` (see :meth:`MonDEQBlock.tune_alpha`)."""
@@ -85,12 +91,13 @@ class MonDEQFcNet(_MonDEQNet):
         **solver: Any,
     ) -> None:
         super().__init__()
-        op = MonFcOperator(math.prod(input_shape), width, m=m)
+        self.input_shape = tuple(input_shape)
+        op = MonFcOperator(math.prod(input_shape), check_count("width", width), m=m)
         self.block = MonDEQBlock(op, name="mondeq", **solver)
         self.head = nn.Linear(width, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.block(x)[0])
+        return self.head(self.block(self._check(x))[0])
 
 
 class MonDEQSingleConvNet(_MonDEQNet):
@@ -107,17 +114,19 @@ class MonDEQSingleConvNet(_MonDEQNet):
         **solver: Any,
     ) -> None:
         super().__init__()
+        self.input_shape = tuple(input_shape)
         c, h, w = input_shape
         size = (h + 2, w + 2)
-        if not (1 <= pool <= min(size)):
-            raise ValueError(f"pool must be between 1 and {min(size)}, got {pool}")
+        check_count("channels", channels)
+        if isinstance(pool, bool) or not (isinstance(pool, int) and 1 <= pool <= min(size)):
+            raise ValueError(f"pool must be an integer between 1 and {min(size)}, got {pool!r}")
         op = MonSingleConvOperator(c, channels, size, m=m)
         self.block = MonDEQBlock(op, name="mondeq", **solver)
         self.pool = pool
         self.head = nn.Linear(channels * (size[0] // pool) * (size[1] // pool), num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = F.avg_pool2d(self.block(x)[0], self.pool)
+        z = F.avg_pool2d(self.block(self._check(x))[0], self.pool)
         return self.head(z.flatten(1))
 
 
@@ -134,14 +143,15 @@ class MonDEQMultiTierNet(_MonDEQNet):
         **solver: Any,
     ) -> None:
         super().__init__()
+        self.input_shape = tuple(input_shape)
         c, h, w = input_shape
-        op = MonMultiTierOperator(c, tuple(channels), (h + 2, w + 2), m=m)
+        op = MonMultiTierOperator(c, check_counts("channels", channels), (h + 2, w + 2), m=m)
         self.block = MonDEQBlock(op, name="mondeq", **solver)
         hl, wl = op.sizes[-1]
         self.head = nn.Linear(op.A[-1].in_channels * hl * wl, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.block(x)[-1].flatten(1))
+        return self.head(self.block(self._check(x))[-1].flatten(1))
 
 
 # -- factories and registry entries ------------------------------------------------------
@@ -164,16 +174,8 @@ _SOLVER_DEFAULTS: dict[str, Any] = {
 
 def _options(model: str, overrides: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
     valid = {**defaults, "m": 1.0, **_SOLVER_DEFAULTS}
-    unknown = sorted(set(overrides) - set(valid))
-    if unknown:
-        raise TypeError(
-            f"{model}: unknown option(s) {unknown}; valid options: {', '.join(sorted(valid))}"
-        )
+    check_overrides(model, overrides, valid)
     return {**valid, **overrides}
-
-
-def _is_mnist_like(input_shape: tuple[int, int, int]) -> bool:
-    return input_shape[0] == 1 and max(input_shape[1:]) <= 28
 
 
 def make_mondeq_fc(
@@ -190,7 +192,7 @@ def make_mondeq_single_conv(
 ) -> MonDEQSingleConvNet:
     """``mondeq-single-conv``: options ``channels`` (54 for 1x28x28 inputs, else 81),
     ``pool`` (4), ``m`` and the solver options."""
-    channels = 54 if _is_mnist_like(input_shape) else 81
+    channels = 54 if is_mnist_like(input_shape) else 81
     options = _options("mondeq-single-conv", overrides, {"channels": channels, "pool": 4})
     return MonDEQSingleConvNet(input_shape, num_classes, **options)
 
@@ -200,7 +202,7 @@ def make_mondeq_multi_tier(
 ) -> MonDEQMultiTierNet:
     """``mondeq-multi-tier``: options ``channels`` ((16, 32, 32) for 1x28x28 inputs, else
     (16, 32, 60)), ``m`` and the solver options."""
-    channels = (16, 32, 32) if _is_mnist_like(input_shape) else (16, 32, 60)
+    channels = (16, 32, 32) if is_mnist_like(input_shape) else (16, 32, 60)
     options = _options("mondeq-multi-tier", overrides, {"channels": channels})
     return MonDEQMultiTierNet(input_shape, num_classes, **options)
 

@@ -13,14 +13,12 @@ to ignore it, announced.
 
 from __future__ import annotations
 
-import math
 import time
 
 import torch
 
 from pcdeq_plugin import ImplicitBlock, SolveStats
 from pcdeq_plugin.implicit import enforce_failure_policy
-from pcdeq_plugin.interface import FAILURE_POLICIES
 
 from .mondeq_ops import MonotoneOperator, Resolvent, State
 from .mondeq_splitting import (
@@ -31,6 +29,7 @@ from .mondeq_splitting import (
     solve_adjoint,
     solve_equilibrium,
 )
+from .options import FAILURE_POLICIES, check_choice, check_count, check_flag, check_positive_number
 
 __all__ = ["MonDEQBlock"]
 
@@ -86,37 +85,24 @@ class MonDEQBlock(ImplicitBlock):
         self.stop_rule = check_stop_rule(stop_rule)
         if alpha is None:
             alpha = 1.0 if self.splitting == "peaceman-rachford" else 0.5
-        for label, value in (("alpha", alpha), ("tol", tol), ("max_alpha", max_alpha)):
-            if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
-                raise ValueError(f"{label} must be a positive finite number, got {value!r}")
-        if backward_tol is not None and not backward_tol > 0:
-            raise ValueError(f"backward_tol must be positive, got {backward_tol!r}")
-        for label, value in (
-            ("max_iter", max_iter),
-            ("check_every", check_every),
-            ("steps_per_epoch", steps_per_epoch),
-        ):
-            if isinstance(value, bool) or not (isinstance(value, int) and value >= 1):
-                raise ValueError(f"{label} must be an integer >= 1, got {value!r}")
-        if backward_max_iter is not None and not (
-            isinstance(backward_max_iter, int) and backward_max_iter >= 1
-        ):
-            raise ValueError(
-                f"backward_max_iter must be an integer >= 1, got {backward_max_iter!r}"
-            )
-        if on_failure not in FAILURE_POLICIES:
-            raise ValueError(
-                f"unknown on_failure {on_failure!r}; choose one of {', '.join(FAILURE_POLICIES)}"
-            )
-        self.tol = float(tol)
-        self.max_iter = max_iter
-        self.backward_tol = float(backward_tol) if backward_tol is not None else self.tol
-        self.backward_max_iter = backward_max_iter or max_iter
-        self.check_every = check_every
-        self.on_failure = on_failure
-        self.tune_alpha_enabled = bool(tune_alpha)
-        self.steps_per_epoch = steps_per_epoch
-        self.max_alpha = float(max_alpha)
+        alpha = check_positive_number("alpha", alpha)
+        self.tol = check_positive_number("tol", tol)
+        self.max_iter = check_count("max_iter", max_iter)
+        self.backward_tol = (
+            check_positive_number("backward_tol", backward_tol)
+            if backward_tol is not None
+            else self.tol
+        )
+        self.backward_max_iter = (
+            check_count("backward_max_iter", backward_max_iter)
+            if backward_max_iter is not None
+            else max_iter
+        )
+        self.check_every = check_count("check_every", check_every)
+        self.on_failure = check_choice("on_failure", on_failure, FAILURE_POLICIES)
+        self.tune_alpha_enabled = check_flag("tune_alpha", tune_alpha)
+        self.steps_per_epoch = check_count("steps_per_epoch", steps_per_epoch)
+        self.max_alpha = check_positive_number("max_alpha", max_alpha)
         # alpha and the training-batch counter are state: saved and restored with the weights
         self.register_buffer("_alpha", torch.tensor(float(alpha)))
         self.register_buffer("_train_batches", torch.tensor(0, dtype=torch.long))

@@ -28,6 +28,7 @@ from torch import nn
 from pcdeq_plugin import ImplicitModel, ModelSpec
 
 from .ode_block import ADAPTIVE_METHODS, ODE_METHODS, ODEBlock
+from .options import check_choice, check_count, check_flag, check_input_shape, check_overrides
 
 __all__ = [
     "ADAPTIVE_METHODS",
@@ -71,14 +72,10 @@ class ConvODEFunc(nn.Module):
         self, channels: int, hidden: int, *, time_dependent: bool = True, nonlinearity: str = "relu"
     ) -> None:
         super().__init__()
-        if channels < 1 or hidden < 1:
-            raise ValueError(f"channels and hidden must be >= 1, got {channels} and {hidden}")
-        if nonlinearity not in NONLINEARITIES:
-            raise ValueError(
-                f"unknown nonlinearity {nonlinearity!r}; available: {', '.join(NONLINEARITIES)}"
-            )
-        self.act = NONLINEARITIES[nonlinearity]
-        self.time_dependent = time_dependent
+        check_count("channels", channels)
+        check_count("hidden", hidden)
+        self.act = NONLINEARITIES[check_choice("nonlinearity", nonlinearity, NONLINEARITIES)]
+        self.time_dependent = check_flag("time_dependent", time_dependent)
         if time_dependent:
             self.conv1 = _TimeConv(channels, hidden, 1)
             self.conv2 = _TimeConv(hidden, hidden, 3, padding=1)
@@ -123,10 +120,8 @@ class NeuralODEClassifier(ImplicitModel):
     ) -> None:
         super().__init__()
         channels, height, width = input_shape
-        if not (isinstance(augment_channels, int) and augment_channels >= 0):
-            raise ValueError(f"augment_channels must be an integer >= 0, got {augment_channels!r}")
-        if not (isinstance(hidden, int) and hidden >= 1):
-            raise ValueError(f"hidden must be an integer >= 1, got {hidden!r}")
+        check_count("augment_channels", augment_channels, 0)
+        check_count("hidden", hidden)
         self.family = "anode" if augment_channels > 0 else "node"
         self.input_shape = tuple(input_shape)
         self.augment_channels = augment_channels
@@ -143,11 +138,7 @@ class NeuralODEClassifier(ImplicitModel):
         return self.block.func
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if tuple(x.shape[1:]) != self.input_shape:
-            raise ValueError(
-                f"expected inputs of shape [B, {', '.join(map(str, self.input_shape))}], "
-                f"got {list(x.shape)}"
-            )
+        check_input_shape(x, self.input_shape, self.family)
         h0 = x
         if self.augment_channels:
             zeros = x.new_zeros(x.shape[0], self.augment_channels, *x.shape[2:])
@@ -165,12 +156,8 @@ def _build(
     overrides: dict[str, Any],
     model: str,
 ) -> NeuralODEClassifier:
-    valid = set(defaults) | set(_SOLVER_KEYS) | {"time_dependent", "nonlinearity", "t_end"}
-    unknown = sorted(set(overrides) - valid)
-    if unknown:
-        raise TypeError(
-            f"{model}: unknown option(s) {unknown}; valid options: {', '.join(sorted(valid))}"
-        )
+    valid = {*defaults, *_SOLVER_KEYS, "time_dependent", "nonlinearity", "t_end"}
+    check_overrides(model, overrides, valid)
     return NeuralODEClassifier(input_shape, num_classes, **{**defaults, **overrides})
 
 

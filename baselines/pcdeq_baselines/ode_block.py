@@ -38,16 +38,24 @@ Errors that are not solver failures (any other exception from the dynamics) prop
 
 from __future__ import annotations
 
-import math
+import inspect
 import time
-import warnings
 from typing import Any
 
 import torch
 from torch import nn
 from torchdiffeq import odeint, odeint_adjoint
 
-from pcdeq_plugin import BlockStats, ConvergenceError, ConvergenceWarning, ImplicitBlock, SolveStats
+from pcdeq_plugin import BlockStats, ImplicitBlock, SolveStats
+
+from .options import (
+    FAILURE_POLICIES,
+    announce_failure,
+    check_choice,
+    check_count,
+    check_flag,
+    check_positive_number,
+)
 
 __all__ = ["ADAPTIVE_METHODS", "FAILURE_POLICIES", "ODE_METHODS", "ODEBlock"]
 
@@ -67,7 +75,7 @@ ODE_METHODS: tuple[str, ...] = tuple(_TORCHDIFFEQ_SOLVERS) or (
 ADAPTIVE_METHODS: tuple[str, ...] = tuple(
     n for n, cls in _TORCHDIFFEQ_SOLVERS.items() if _Adaptive and issubclass(cls, _Adaptive)
 ) or ("dopri8", "dopri5", "bosh3", "fehlberg2", "adaptive_heun")
-FAILURE_POLICIES: tuple[str, ...] = ("ignore", "warn", "raise")
+
 
 # torchdiffeq reports failed solves with bare asserts (step limit, dt underflow, non-finite
 # state) and a fixed-step iteration cap with RuntimeError("Reached maximum number of
@@ -77,6 +85,28 @@ _SOLVE_FAILURES = (AssertionError, RuntimeError)
 
 def _is_solve_failure(exc: BaseException) -> bool:
     return isinstance(exc, AssertionError) or "maximum number of iterations" in str(exc)
+
+
+def _ode_option_names(method: str) -> set[str] | None:
+    """The ``options`` keys torchdiffeq's ``method`` reads; ``None`` if it cannot be told.
+
+    torchdiffeq only *warns* about keys it does not know (and then ignores them), so a typo
+    such as ``{"step-size": 0.1}`` would silently change nothing: collect the keyword
+    parameters of the solver class and of the base classes its ``**kwargs`` reach.
+    """
+    cls = _TORCHDIFFEQ_SOLVERS.get(method)
+    if cls is None:
+        return None
+    names = {"norm"}  # read by odeint itself for every method
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = inspect.signature(init).parameters.values()
+        names |= {p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD}
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
+    return names - {"self", "func", "y0", "rtol", "atol", "dtype"}
 
 
 def _supports_step_callback(method: str) -> bool:
@@ -268,30 +298,27 @@ class ODEBlock(ImplicitBlock):
         name: str = "ode",
     ) -> None:
         super().__init__(name)
-        if method not in ODE_METHODS:
-            raise ValueError(
-                f"unknown ODE method {method!r}; torchdiffeq offers: {', '.join(ODE_METHODS)}"
-            )
-        for label, value in (("rtol", rtol), ("atol", atol), ("t_end", t_end)):
-            if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
-                raise ValueError(f"{label} must be a positive finite number, got {value!r}")
-        if not (isinstance(max_num_steps, int) and max_num_steps >= 1):
-            raise ValueError(f"max_num_steps must be an integer >= 1, got {max_num_steps!r}")
-        if on_failure not in FAILURE_POLICIES:
-            raise ValueError(
-                f"unknown on_failure {on_failure!r}; choose one of {', '.join(FAILURE_POLICIES)}"
-            )
+        self.method = check_choice("ODE method", method, ODE_METHODS)
+        self.rtol = check_positive_number("rtol", rtol)
+        self.atol = check_positive_number("atol", atol)
+        self.t_end = check_positive_number("t_end", t_end)
+        self.max_num_steps = check_count("max_num_steps", max_num_steps)
+        self.adjoint = check_flag("adjoint", adjoint)
+        self.on_failure = check_choice("on_failure", on_failure, FAILURE_POLICIES)
+        if ode_options is not None and not isinstance(ode_options, dict):
+            raise TypeError(f"ode_options must be a dict, got {ode_options!r}")
         options = dict(ode_options or {})  # never mutate the caller's dict
         if "max_num_steps" in options:
             raise ValueError("pass max_num_steps as its own argument, not inside ode_options")
+        known = _ode_option_names(method)
+        unknown = sorted(set(options) - known) if known is not None else []
+        if unknown:
+            raise ValueError(
+                f"ode_options {unknown} are not read by torchdiffeq's {method!r}; it reads: "
+                f"{', '.join(sorted(known - {'max_num_steps'}))}"
+            )
         self.func = func
-        self.method = method
-        self.rtol, self.atol = float(rtol), float(atol)
-        self.adjoint = bool(adjoint)
-        self.max_num_steps = max_num_steps
         self.ode_options = options
-        self.t_end = float(t_end)
-        self.on_failure = on_failure
 
     # -- helpers shared by both modes --------------------------------------------------
     @property
@@ -351,11 +378,7 @@ class ODEBlock(ImplicitBlock):
         return state
 
     def _apply_failure_policy(self, message: str, error: BaseException) -> None:
-        text = f"{self.block_name}: {message}"
-        if self.on_failure == "raise":
-            raise ConvergenceError(text) from error
-        if self.on_failure == "warn":
-            warnings.warn(text, ConvergenceWarning, stacklevel=3)
+        announce_failure(f"{self.block_name}: {message}", self.on_failure, cause=error)
 
     # -- the solve ---------------------------------------------------------------------
     def forward(self, h0: torch.Tensor) -> torch.Tensor:
