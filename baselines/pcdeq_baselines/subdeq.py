@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pcdeq_plugin import ImplicitBlock, ImplicitModel, ModelSpec, SolverConfig, solve_implicit
+from pcdeq_plugin.interface import split_solver_options
 
 from .subdeq_certificate import SubhomogeneityCertificate, activation_coefficient, tanh_slope_bound
 
@@ -296,30 +297,17 @@ class SubDEQConvNet(_SubDEQNet):
 
 # -- factories and registry entries ------------------------------------------------------
 
-_SOLVER_KEYS = (
-    "solver",
-    "tol",
-    "max_iter",
-    "backward_solver",
-    "backward_tol",
-    "backward_max_iter",
-    "check_every",
-    "on_failure",
-    "solver_options",
-)
-
 
 def _split_options(
     model: str, overrides: dict[str, Any], defaults: dict[str, Any]
 ) -> tuple[dict[str, Any], SolverConfig]:
     """Validate ``overrides`` against the model's options and build its SolverConfig."""
-    valid = sorted([*defaults, *_SOLVER_KEYS])
-    unknown = sorted(set(overrides) - set(valid))
+    solver, rest = split_solver_options(overrides)
+    valid = sorted([*defaults, *SolverConfig.field_names()])
+    unknown = sorted(set(rest) - set(defaults))
     if unknown:
         raise TypeError(f"{model}: unknown option(s) {unknown}; valid options: {', '.join(valid)}")
-    options = {**defaults, **{k: v for k, v in overrides.items() if k in defaults}}
-    solver = {k: v for k, v in overrides.items() if k in _SOLVER_KEYS}
-    return options, SUBDEQ_SOLVER.replace(**solver)
+    return {**defaults, **rest}, SUBDEQ_SOLVER.replace(**solver)
 
 
 def _is_mnist_like(input_shape: tuple[int, int, int]) -> bool:
