@@ -99,6 +99,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``pcdeq-bench`` argument parser (subcommands list, train, eval, compare, report)."""
+    from .config import COMPARE_EPOCHS as DEFAULT_EPOCHS
+
     parser = argparse.ArgumentParser(
         prog="pcdeq-bench", description="Train and compare implicit models."
     )
@@ -133,33 +136,72 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-limit", dest="test_limit", type=int)
     p.add_argument("--plugin", dest="plugins", action="append", metavar="MODULE")
 
-    p = sub.add_parser("compare", help="several models x several seeds -> tables and plots")
+    p = sub.add_parser(
+        "compare",
+        help="several models x several seeds -> tables and plots",
+        description="Train several models with several seeds through the same loop and write "
+        "compare.md, compare.json and PNG plots into --out. With no arguments: the README's "
+        "head-to-head (pcDEQ-1, pcDEQ-2, monDEQ, NODE, ANODE, unconstrained DEQ; 'small' "
+        "presets; 3 epochs; seeds 0,1,2; mnist5k).",
+    )
     p.add_argument(
         "--models", type=_csv, help="comma-separated model names (default: the README's six)"
     )
     p.add_argument("--seeds", type=_int_list, help="comma-separated seeds (default 0,1,2)")
-    p.add_argument("--dataset", default="mnist5k")
+    p.add_argument("--dataset", default="mnist5k", help="registered dataset (default mnist5k)")
     p.add_argument(
         "--preset",
         default="small",
-        help="model preset used where a model has it ('none': defaults)",
+        help="model preset used where a model has it (default small; 'none': factory defaults)",
     )
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--out", dest="out_dir", default="results/compare")
+    p.add_argument(
+        "--epochs", type=int, default=DEFAULT_EPOCHS, help=f"per run (default {DEFAULT_EPOCHS})"
+    )
+    p.add_argument(
+        "--out",
+        dest="out_dir",
+        default="results/compare",
+        help="results directory (default results/compare); never overwritten without --resume",
+    )
     p.add_argument(
         "--resume",
         action="store_true",
-        help="reuse finished runs in --out, resume interrupted ones",
+        help="reuse finished runs in --out, resume interrupted ones, retry failed ones",
     )
     p.add_argument(
-        "--in-process", action="store_true", help="run everything in this process (no isolation)"
+        "--jobs",
+        type=int,
+        default=1,
+        help="model worker processes at once, one torch thread each (default 1: clean "
+        "timings; N>1 ends sooner but the seconds include competing for the cores)",
     )
-    p.add_argument("--no-plots", action="store_true")
+    p.add_argument(
+        "--reference",
+        metavar="MODEL",
+        help="model the ratio columns divide by (default: the first pcDEQ model)",
+    )
+    p.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run everything in this process (no crash isolation; peak memory is shared)",
+    )
+    p.add_argument("--no-plots", action="store_true", help="write the tables only")
     _add_run_options(p)
 
-    p = sub.add_parser("report", help="re-render tables and plots from a results directory")
+    p = sub.add_parser(
+        "report",
+        help="re-render tables and plots from a results directory",
+        description="Re-write compare.md, compare.json and the PNG plots from the files in a "
+        "results directory (a compare --out, a train --out, or a directory of run directories).",
+    )
     p.add_argument("results_dir", type=Path)
-    p.add_argument("--no-plots", action="store_true")
+    p.add_argument(
+        "--reference",
+        metavar="MODEL",
+        help="model the ratio columns divide by (default: the comparison's, else the first "
+        "pcDEQ model)",
+    )
+    p.add_argument("--no-plots", action="store_true", help="write the tables only")
     return parser
 
 
@@ -304,6 +346,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         preset=None if args.preset == "none" else args.preset,
         epochs=args.epochs,
         isolate=not args.in_process,
+        jobs=args.jobs,
+        reference=args.reference,
         resume=args.resume,
         plots=not args.no_plots,
         log=lambda msg: print(msg, file=sys.stderr, flush=True),
@@ -316,7 +360,10 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from .report import write_report
 
-    report = write_report(args.results_dir, plots=not args.no_plots)
+    try:
+        report = write_report(args.results_dir, plots=not args.no_plots, reference=args.reference)
+    except ValueError as exc:  # unknown reference, unreadable plan, unwritable directory
+        raise _UsageError(str(exc)) from exc
     print(report["markdown"])
     return 0
 

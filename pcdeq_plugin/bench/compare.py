@@ -4,6 +4,9 @@ By default every model trains (all its seeds, one after the other) in its own Py
 process, so a model that crashes or exhausts memory cannot take the others down, and the
 CPU peak-memory column (the process's RSS high-water mark) belongs to that model alone.
 Within a process, an exception in one run is recorded and the next seed still runs.
+``jobs > 1`` runs that many model processes side by side (one torch thread each): the
+comparison ends sooner, but each model's seconds then include competing for the cores.
+A worker's stderr (warnings, tracebacks) is kept in ``runs/<model>/worker.log``.
 """
 
 from __future__ import annotations
@@ -13,18 +16,19 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pcdeq_plugin.registry import MODELS
 
-from .config import ConfigError, TrainConfig
-from .datasets import ensure_registered
+from .config import COMPARE_EPOCHS, ConfigError, TrainConfig
+from .datasets import dataset_info, ensure_registered
 from .metrics import write_json
 from .report import PLAN, write_report
 from .train import load_plugins_from_config, run
 
-__all__ = ["DEFAULT_MODELS", "DEFAULT_SEEDS", "compare"]
+__all__ = ["DEFAULT_EPOCHS", "DEFAULT_MODELS", "DEFAULT_SEEDS", "compare"]
 
 # The README's head-to-head: pcDEQ-1, pcDEQ-2, monDEQ, NODE, ANODE, unconstrained DEQ.
 DEFAULT_MODELS: tuple[str, ...] = (
@@ -36,6 +40,7 @@ DEFAULT_MODELS: tuple[str, ...] = (
     "deq-linear",
 )
 DEFAULT_SEEDS: tuple[int, ...] = (0, 1, 2)
+DEFAULT_EPOCHS = COMPARE_EPOCHS
 _STDERR_TAIL = 1500
 _INTERRUPT_GRACE = 120.0  # seconds a worker gets to save its checkpoint after Ctrl-C
 
@@ -73,31 +78,70 @@ def _run_one(config: dict[str, Any]) -> str | None:
     return None
 
 
-def _run_isolated(model_dir: Path, configs: list[dict[str, Any]]) -> str | None:
+@dataclass
+class _Worker:
+    """One model's child process, training all its pending seeds in turn."""
+
+    model: str
+    configs: list[dict[str, Any]]
+    process: subprocess.Popen
+    log: Path
+    started: float
+
+    def error(self) -> str | None:
+        """``None`` when the child exited normally, else its exit code and stderr tail."""
+        if self.process.returncode == 0:
+            return None
+        try:
+            tail = self.log.read_text(errors="replace").strip()[-_STDERR_TAIL:]
+        except OSError:
+            tail = ""
+        return f"worker exit code {self.process.returncode}: {tail}"
+
+
+def _start_worker(model_dir: Path, model: str, configs: list[dict[str, Any]]) -> _Worker:
     """All seeds of one model in one child process (one torch start-up per model, and a
-    crash or out-of-memory kill cannot reach the other models). Returns the child's
-    stderr tail when it died, ``None`` when it exited normally."""
+    crash or out-of-memory kill cannot reach the other models)."""
     batch = model_dir / "batch.json"
     batch.write_text(json.dumps(configs, indent=2))
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
+    log = model_dir / "worker.log"
     command = [sys.executable, "-m", "pcdeq_plugin.bench.compare", str(batch)]
-    process = subprocess.Popen(
-        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
+    # stderr goes to a file, not a pipe: several workers at once cannot block on a full pipe
+    with log.open("a") as handle:
+        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=handle)
+    return _Worker(model, configs, process, log, time.perf_counter())
+
+
+def _run_workers(
+    tasks: list[tuple[str, Path, list[dict[str, Any]]]],
+    jobs: int,
+    done: Any,
+) -> None:
+    """Run the per-model workers, at most ``jobs`` at a time; ``done(worker)`` as each ends.
+
+    On Ctrl-C the workers (same process group) stop at a batch boundary and write their
+    resumable checkpoints; wait for that instead of killing them.
+    """
+    queue, running = list(tasks), []
     try:
-        _, stderr = process.communicate()
+        while queue or running:
+            while queue and len(running) < jobs:
+                model, model_dir, configs = queue.pop(0)
+                running.append(_start_worker(model_dir, model, configs))
+            time.sleep(0.1)
+            for worker in [w for w in running if w.process.poll() is not None]:
+                running.remove(worker)
+                done(worker)
     except KeyboardInterrupt:
-        # Ctrl-C reached the worker too (same process group); it stops at a batch boundary
-        # and writes its resumable checkpoint. Wait for that instead of killing it.
-        try:
-            process.wait(timeout=_INTERRUPT_GRACE)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        deadline = time.monotonic() + _INTERRUPT_GRACE
+        for worker in running:
+            try:
+                worker.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                worker.process.kill()
         raise
-    if process.returncode == 0:
-        return None
-    return f"worker exit code {process.returncode}: {stderr.strip()[-_STDERR_TAIL:]}"
 
 
 def _run_error(run_dir: Path, worker_error: str | None) -> str | None:
@@ -112,6 +156,18 @@ def _run_error(run_dir: Path, worker_error: str | None) -> str | None:
     return worker_error or "the run left no summary"
 
 
+def _check_preset(preset: str | None, models: list[str], info: dict[str, Any]) -> None:
+    """A preset that none of the registered models has is a typo, not a choice."""
+    registered = [m for m in models if info[m]["status"] == "registered"]
+    if preset is None or not registered or any(info[m]["preset"] == preset for m in registered):
+        return
+    known = sorted({name for m in registered for name in MODELS.get(m).presets})
+    raise ConfigError(
+        f"none of the compared models has a preset {preset!r}; their presets: "
+        f"{', '.join(known) or '(none)'} (or 'none' for the factory defaults)"
+    )
+
+
 def compare(
     models: list[str] | None = None,
     seeds: list[int] | None = None,
@@ -119,8 +175,10 @@ def compare(
     out_dir: str | Path = "results/compare",
     dataset: str = "mnist5k",
     preset: str | None = "small",
-    epochs: int = 1,
+    epochs: int = DEFAULT_EPOCHS,
     isolate: bool = True,
+    jobs: int = 1,
+    reference: str | None = None,
     resume: bool = False,
     plots: bool = True,
     log: Any = print,
@@ -135,8 +193,11 @@ def compare(
         out_dir: Results directory (``runs/<model>/seed<k>/`` below it).
         dataset: Registered dataset name.
         preset: Model preset applied when the model has it (the table shows the one used).
-        epochs: Epochs per run.
-        isolate: One child process per run (crash isolation, per-run peak memory).
+        epochs: Epochs per run (default :data:`DEFAULT_EPOCHS`).
+        isolate: One child process per model (crash isolation, per-model peak memory).
+        jobs: Model processes running at once (needs ``isolate``). More than one ends
+            sooner, but then the seconds per epoch include competing for the cores.
+        reference: Model the ratio columns divide by (default: the first pcDEQ model).
         resume: Reuse finished runs in ``out_dir`` and resume interrupted ones.
         plots: Write the PNG plots.
         log: Progress messages go here (``None`` for silence).
@@ -145,12 +206,33 @@ def compare(
 
     Returns:
         The report: ``rows`` (one per model), ``runs``, ``markdown``, ``plots``.
+
+    Raises:
+        ConfigError: bad options, unwritable ``out_dir``, or ``out_dir`` already holds a
+            comparison and ``resume`` is false (nothing is overwritten).
+        UnknownNameError: unknown dataset.
     """
     ensure_registered()
-    models = list(models or DEFAULT_MODELS)
+    models = list(DEFAULT_MODELS if models is None else models)
     seeds = list(DEFAULT_SEEDS if seeds is None else seeds)
+    if not models:
+        raise ConfigError("compare needs at least one model")
     if not seeds:
         raise ConfigError("compare needs at least one seed")
+    for what, values in (("model", models), ("seed", seeds)):
+        repeated = sorted({str(v) for v in values if values.count(v) > 1})
+        if repeated:
+            raise ConfigError(f"{what}(s) {', '.join(repeated)} listed twice")
+    if not isinstance(epochs, int) or epochs < 1:
+        raise ConfigError(f"epochs must be an integer >= 1, got {epochs!r}")
+    if not isinstance(jobs, int) or jobs < 1:
+        raise ConfigError(f"jobs must be an integer >= 1, got {jobs!r}")
+    if jobs > 1 and not isolate:
+        raise ConfigError("jobs > 1 runs models in parallel worker processes; drop --in-process")
+    if reference is not None and reference not in models:
+        raise ConfigError(
+            f"reference model {reference!r} is not compared; choose one of {', '.join(models)}"
+        )
     forbidden = {"model", "seed", "out_dir", "resume", "preset", "epochs", "dataset"} & set(
         train_options
     )
@@ -160,6 +242,9 @@ def compare(
         )
     TrainConfig.check_keys(train_options)
     load_plugins_from_config(list(train_options.get("plugins", [])))
+    dataset_info(dataset)  # unknown dataset -> UnknownNameError listing them, before any work
+    info = {model: _model_info(model, preset) for model in models}
+    _check_preset(preset, models, info)
     say = log or (lambda *_: None)
 
     out = Path(out_dir)
@@ -177,76 +262,99 @@ def compare(
             "another --out directory (nothing was overwritten)"
         )
 
-    info = {model: _model_info(model, preset) for model in models}
     plan: dict[str, Any] = {
         "models": models,
         "seeds": seeds,
         "dataset": dataset,
         "preset": preset,
         "epochs": epochs,
+        "jobs": jobs,
+        "reference": reference,
         "train_options": train_options,
         "model_info": info,
         "failures": {},
     }
     write_json(out / PLAN, plan)
     started = time.perf_counter()
+    tasks: list[tuple[str, Path, list[dict[str, Any]]]] = []
     for model in models:
         if info[model]["status"] != "registered":
             say(f"[compare] {model}: not registered -- reported in the table")
             continue
-        pending: list[dict[str, Any]] = []
-        for seed in seeds:
-            run_dir = out / "runs" / model / f"seed{seed}"
-            summary_path = run_dir / "summary.json"
-            if (
-                resume
-                and summary_path.is_file()
-                and json.loads(summary_path.read_text()).get("status") == "ok"
-            ):
-                say(f"[compare] {model} seed {seed}: finished earlier, reused")
-                continue
-            attempted = run_dir.is_dir() and any(run_dir.iterdir())
-            if resume and attempted and not (run_dir / "last.pt").is_file():
-                # a failed earlier attempt: keep it for inspection, start this seed afresh
-                run_dir.rename(run_dir.with_name(f"seed{seed}.failed-{int(time.time())}"))
-            run_dir.mkdir(parents=True, exist_ok=True)
-            pending.append(
-                {
-                    **train_options,
-                    "model": model,
-                    "preset": info[model]["preset"],
-                    "dataset": dataset,
-                    "epochs": epochs,
-                    "seed": seed,
-                    "out_dir": str(run_dir),
-                    "resume": bool(resume and (run_dir / "last.pt").is_file()),
-                    "progress": False,
-                }
-            )
-        if not pending:
-            continue
-        tick = time.perf_counter()
-        worker_error = None
-        if isolate:
-            worker_error = _run_isolated(out / "runs" / model, pending)
-        else:
-            for config in pending:
-                _run_one(config)
+        pending = [
+            config
+            for seed in seeds
+            if (config := _plan_run(out, model, seed, info[model], resume, say)) is not None
+        ]
+        if pending:
+            tasks.append((model, out / "runs" / model, pending))
+
+    def finished(model: str, pending: list[dict[str, Any]], worker_error: str | None) -> None:
         for config in pending:
-            error = _run_error(Path(config["out_dir"]), worker_error)
-            if error is not None and not (Path(config["out_dir"]) / "summary.json").is_file():
+            run_dir = Path(config["out_dir"])
+            error = _run_error(run_dir, worker_error)
+            if error is not None and not (run_dir / "summary.json").is_file():
                 plan["failures"].setdefault(model, {})[str(config["seed"])] = error
             status = "ok" if error is None else f"FAILED ({error.splitlines()[0][:200]})"
             say(f"[compare] {model} seed {config['seed']}: {status}")
-        say(f"[compare] {model}: {len(pending)} run(s) in {time.perf_counter() - tick:.1f}s")
         write_json(out / PLAN, plan)
+
+    for _model, _, pending in tasks:
+        for config in pending:
+            config.update(train_options, dataset=dataset, epochs=epochs, progress=False)
+    if isolate:
+
+        def done(worker: _Worker) -> None:
+            finished(worker.model, worker.configs, worker.error())
+            seconds = time.perf_counter() - worker.started
+            say(f"[compare] {worker.model}: {len(worker.configs)} run(s) in {seconds:.1f}s")
+
+        if jobs > 1:
+            say(f"[compare] {len(tasks)} model(s), {jobs} at a time")
+        _run_workers(tasks, jobs, done)
+    else:
+        for model, _, pending in tasks:
+            tick = time.perf_counter()
+            for config in pending:
+                _run_one(config)
+            finished(model, pending, None)
+            say(f"[compare] {model}: {len(pending)} run(s) in {time.perf_counter() - tick:.1f}s")
     plan["wall_seconds"] = time.perf_counter() - started
     write_json(out / PLAN, plan)
     report = write_report(out, plots=plots)
     say(
-        f"[compare] wrote {out / 'compare.md'} and {out / 'compare.json'} in {plan['wall_seconds']:.0f}s"
+        f"[compare] wrote {out / 'compare.md'} and {out / 'compare.json'} in "
+        f"{plan['wall_seconds']:.0f}s"
     )
     return report
+
+
+def _plan_run(
+    out: Path, model: str, seed: int, info: dict[str, Any], resume: bool, say: Any
+) -> dict[str, Any] | None:
+    """The config of one (model, seed) run, or ``None`` when ``resume`` reuses a finished one."""
+    run_dir = out / "runs" / model / f"seed{seed}"
+    summary_path = run_dir / "summary.json"
+    if resume and summary_path.is_file():
+        try:
+            finished = json.loads(summary_path.read_text()).get("status") == "ok"
+        except (OSError, json.JSONDecodeError, AttributeError):
+            finished = False
+        if finished:
+            say(f"[compare] {model} seed {seed}: finished earlier, reused")
+            return None
+    attempted = run_dir.is_dir() and any(run_dir.iterdir())
+    if resume and attempted and not (run_dir / "last.pt").is_file():
+        # a failed earlier attempt: keep it for inspection, start this seed afresh
+        run_dir.rename(run_dir.with_name(f"seed{seed}.failed-{int(time.time())}"))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return {
+        "model": model,
+        "preset": info["preset"],
+        "seed": seed,
+        "out_dir": str(run_dir),
+        "resume": bool(resume and (run_dir / "last.pt").is_file()),
+    }
 
 
 def _worker_main(argv: list[str]) -> int:

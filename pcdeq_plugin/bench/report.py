@@ -13,17 +13,44 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from .checkpoint import atomic_write_bytes
 from .metrics import write_json
 
-__all__ = ["aggregate", "collect_runs", "render_markdown", "write_plots", "write_report"]
+__all__ = [
+    "add_ratios",
+    "aggregate",
+    "collect_runs",
+    "pick_reference",
+    "render_markdown",
+    "write_plots",
+    "write_report",
+]
 
 PLAN = "compare_plan.json"
 
 
+def _summary_paths(results_dir: Path) -> list[Path]:
+    """The ``summary.json`` files that belong to ``results_dir``.
+
+    A comparison (it holds ``compare_plan.json``) owns exactly ``runs/<model>/seed<k>/``;
+    any other directory owns the summaries below it, except those inside a nested
+    comparison (that one is reported on its own, not mixed into this table).
+    """
+    if (results_dir / PLAN).is_file():
+        return sorted((results_dir / "runs").glob("*/seed*/summary.json"))
+    found = []
+    for path in sorted(results_dir.rglob("summary.json")):
+        parents = path.relative_to(results_dir).parents
+        if any((results_dir / p / PLAN).is_file() for p in parents if str(p) != "."):
+            continue
+        found.append(path)
+    return found
+
+
 def collect_runs(results_dir: Path) -> list[dict[str, Any]]:
-    """Every run summary below ``results_dir`` (sorted by model, then seed)."""
+    """Every run summary that belongs to ``results_dir`` (sorted by model, then seed)."""
     runs = []
-    for path in sorted(Path(results_dir).rglob("summary.json")):
+    for path in _summary_paths(Path(results_dir)):
         if ".failed-" in path.parent.name:  # superseded attempts kept by `compare --resume`
             continue
         try:
@@ -37,6 +64,8 @@ def collect_runs(results_dir: Path) -> list[dict[str, Any]]:
                 }
             )
             continue
+        if not isinstance(data, dict) or "model" not in data:
+            continue  # some other tool's summary.json, not a pcdeq-bench run
         data["run_dir"] = str(path.parent)
         runs.append(data)
     return sorted(runs, key=lambda r: (str(r.get("model")), r.get("seed") or 0))
@@ -52,6 +81,23 @@ def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
 def _mean(values: list[Any]) -> float | None:
     present = [float(v) for v in values if v is not None]
     return statistics.fmean(present) if present else None
+
+
+def _median(values: list[Any]) -> float | None:
+    present = [float(v) for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def _epoch_seconds_median(runs: list[dict[str, Any]]) -> float | None:
+    """Median training seconds of one epoch over every epoch of every run.
+
+    A median, not a mean: one epoch slowed by another process on a shared machine (or
+    the first epoch's warm-up) does not move it.
+    """
+    per_epoch = [row.get("train_seconds") for r in runs for row in r.get("history") or []]
+    if any(v is not None for v in per_epoch):
+        return _median(per_epoch)
+    return _median([r.get("seconds_per_epoch") for r in runs])
 
 
 def _training_of(config: dict[str, Any] | None) -> str | None:
@@ -119,6 +165,7 @@ def aggregate(
                 "bwd_iters": _mean([r.get("bwd_iters") for r in ok]),
                 "unit": first.get("unit") or "",
                 "seconds_per_epoch": _mean([r.get("seconds_per_epoch") for r in ok]),
+                "seconds_per_epoch_median": _epoch_seconds_median(ok),
                 "peak_mem_mb": max(mems) if mems else None,
                 "peak_mem_kind": first.get("peak_mem_kind"),
                 "failed_solves": sum(int(r.get("failed_solves") or 0) for r in ok),
@@ -129,6 +176,51 @@ def aggregate(
             }
         )
     return rows
+
+
+def pick_reference(rows: list[dict[str, Any]], reference: str | None = None) -> str | None:
+    """The model the ratio columns divide by: ``reference`` if given, else the first pcDEQ
+    model with a finished run, else the first model with one (``None`` if none has).
+
+    Raises:
+        ValueError: ``reference`` is not one of the compared models (the message lists them).
+    """
+    names = [r["model"] for r in rows]
+    if reference is not None:
+        if reference not in names:
+            raise ValueError(
+                f"reference model {reference!r} is not in this comparison; choose one of "
+                f"{', '.join(names) or '(none)'}"
+            )
+        return reference
+    finished = [r for r in rows if r.get("ok")]
+    pcdeq = [r for r in finished if r.get("family") == "pcdeq"]
+    return (pcdeq or finished or [{"model": None}])[0]["model"]
+
+
+def add_ratios(rows: list[dict[str, Any]], reference: str | None) -> None:
+    """Set ``time_ratio`` (median train s/epoch) and ``fwd_ratio`` (forward iterations or
+    NFE per solve) of every row relative to the ``reference`` row (``None`` when either
+    side has no number)."""
+    ref = next((r for r in rows if r["model"] == reference), {})
+
+    def ratio(row: dict[str, Any], key: str) -> float | None:
+        mine, theirs = row.get(key), ref.get(key)
+        if mine is None or not theirs:
+            return None
+        return float(mine) / float(theirs)
+
+    for row in rows:
+        row["time_ratio"] = ratio(row, "seconds_per_epoch_median")
+        row["fwd_ratio"] = ratio(row, "fwd_iters")
+
+
+def _fmt_ratio(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if value >= 10:
+        return f"{value:.0f}x"
+    return f"{value:.2f}x" if value >= 0.1 else f"{value:.2g}x"  # 2 significant digits
 
 
 def _fmt(value: Any, digits: int = 1) -> str:
@@ -144,13 +236,14 @@ def render_markdown(rows: list[dict[str, Any]], meta: dict[str, Any] | None = No
     meta = meta or {}
     header = [
         "model", "family", "preset", "test acc % (mean ± std)", "params", "fwd iters/NFE",
-        "bwd iters/NFE", "train s/epoch", "peak mem MiB", "failed solves", "runs ok",
+        "bwd iters/NFE", "train s/epoch (median)", "peak mem MiB", "failed solves", "runs ok",
+        "time vs ref", "fwd iters vs ref",
     ]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     notes = []
     for row in rows:
         if row["status"] == "not registered":
-            cells = [row["model"], "-", "-", "not registered", "-", "-", "-", "-", "-", "-", "0/0"]
+            cells = [row["model"], "-", "-", "not registered", *["-"] * 6, "0/0", "-", "-"]
             notes.append(f"- `{row['model']}`: not registered ({row.get('error')})")
         else:
             acc = (
@@ -167,16 +260,21 @@ def render_markdown(rows: list[dict[str, Any]], meta: dict[str, Any] | None = No
                 f"{row['params']:,}" if row.get("params") is not None else "-",
                 _fmt(row.get("fwd_iters")) + (unit if row.get("fwd_iters") is not None else ""),
                 _fmt(row.get("bwd_iters")) + (unit if row.get("bwd_iters") is not None else ""),
-                _fmt(row.get("seconds_per_epoch")),
+                _fmt(
+                    row.get("seconds_per_epoch_median", row.get("seconds_per_epoch")),
+                    2 if (row.get("seconds_per_epoch_median") or 10) < 1 else 1,
+                ),
                 _fmt(row.get("peak_mem_mb"), 0),
                 str(row.get("failed_solves", "-")),
                 f"{row['ok']}/{row['runs']}",
+                _fmt_ratio(row.get("time_ratio")),
+                _fmt_ratio(row.get("fwd_ratio")),
             ]
             if row.get("error"):
                 notes.append(f"- `{row['model']}` {row['status']}: {row['error']}")
         lines.append("| " + " | ".join(cells) + " |")
     intro = []
-    if meta:
+    if meta.get("dataset"):
         intro.append(
             f"Dataset `{meta.get('dataset')}`, {meta.get('epochs')} epoch(s), seeds "
             f"{', '.join(map(str, meta.get('seeds', [])))}; presets as listed."
@@ -207,14 +305,30 @@ def render_markdown(rows: list[dict[str, Any]], meta: dict[str, Any] | None = No
         "ODEs), averaged over a model's implicit blocks and over training batches; "
         "failed solves count samples that missed tolerance (forward + backward, train + test)."
     )
+    reference = meta.get("reference")
+    if reference:
+        intro.append(
+            f"Train s/epoch is the median over every epoch of every seed. The last two columns "
+            f"divide a model's median train s/epoch and its forward iterations/NFE per solve by "
+            f"those of `{reference}` (1.00x); an ODE's NFE and a DEQ's iteration both count "
+            "evaluations of the layer's function."
+        )
+    jobs = meta.get("jobs") or 1
+    if jobs > 1:
+        intro.append(
+            f"Timed with {jobs} worker processes training side by side (one torch thread "
+            "each); on a machine with fewer free cores the seconds are inflated."
+        )
     text = "\n".join(intro) + "\n\n" + "\n".join(lines) + "\n"
     if notes:
         text += "\n" + "\n".join(notes) + "\n"
     return text
 
 
-def _per_epoch(runs: list[dict[str, Any]], key: str) -> dict[str, tuple[list[int], list[float]]]:
-    """Per model: epochs and the mean of ``key`` over seeds at each epoch."""
+def _per_epoch(
+    runs: list[dict[str, Any]], key: str
+) -> dict[str, tuple[list[int], list[float], list[float]]]:
+    """Per model: epochs, and the mean and std of ``key`` over seeds at each epoch."""
     series: dict[str, dict[int, list[float]]] = {}
     for run in runs:
         if run.get("status") != "ok":
@@ -224,10 +338,27 @@ def _per_epoch(runs: list[dict[str, Any]], key: str) -> dict[str, tuple[list[int
                 series.setdefault(run["model"], {}).setdefault(row["epoch"], []).append(
                     float(row[key])
                 )
-    return {
-        model: (sorted(points), [statistics.fmean(points[e]) for e in sorted(points)])
-        for model, points in series.items()
-    }
+    out = {}
+    for model, points in series.items():
+        epochs = sorted(points)
+        stats = [_mean_std(points[e]) for e in epochs]
+        out[model] = (epochs, [m for m, _ in stats], [sd for _, sd in stats])
+    return out
+
+
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "*")
+
+
+def _finish_axes(ax: Any, epochs: bool) -> None:
+    """Grid, integer epoch ticks, and the legend outside the axes so it hides no data."""
+    from matplotlib.ticker import MaxNLocator
+
+    if epochs:
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        lo, hi = ax.get_xlim()
+        ax.set_xlim(min(lo, 0.5), max(hi, 1.5))  # one epoch: a readable column, not a sliver
+    ax.grid(alpha=0.3)
 
 
 def write_plots(
@@ -235,77 +366,112 @@ def write_plots(
 ) -> list[Path]:
     """Accuracy per epoch, iterations per epoch, accuracy vs parameters (PNG, Agg backend).
 
-    Each model keeps one colour across the three plots.
+    Each model keeps one colour and one marker across the three plots; legends sit outside
+    the axes (models of equal size never hide each other's labels); error bars are the std
+    over seeds; accuracies are in %.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
     models = [r["model"] for r in rows if r.get("status") != "not registered"]
     palette = plt.get_cmap("tab10" if len(models) <= 10 else "tab20")
     colour = {model: palette(i % palette.N) for i, model in enumerate(models)}
+    marker = {model: _MARKERS[i % len(_MARKERS)] for i, model in enumerate(models)}
     units = {r["model"]: r.get("unit") or "" for r in rows if r.get("status") != "not registered"}
+    style = {"capsize": 3, "markersize": 5, "linewidth": 1.5}
     written = []
-    for key, name, ylabel in (
-        ("test_acc", "accuracy_per_epoch.png", "test accuracy (mean over seeds)"),
-        ("fwd_iters", "iterations_per_epoch.png", "forward iterations / NFE per solve"),
-    ):
-        fig, ax = plt.subplots(figsize=(6.4, 4.2))
-        series = _per_epoch(runs, key)
-        for model in [m for m in models if m in series]:
-            epochs, values = series[model]
-            unit = units.get(model)
-            label = f"{model} ({unit})" if key == "fwd_iters" and unit else model
-            ax.plot(epochs, values, marker="o", label=label, color=colour[model])
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize="small")
+
+    def save(fig: Any, axes: list[Any], name: str) -> None:
+        handles, labels = axes[0].get_legend_handles_labels()
+        if handles:
+            fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5),
+                       fontsize="small", frameon=False)  # fmt: skip
         fig.tight_layout()
-        fig.savefig(out_dir / name, dpi=100)
+        fig.savefig(out_dir / name, dpi=110, bbox_inches="tight")
         plt.close(fig)
         written.append(out_dir / name)
+
+    # accuracy per epoch (%)
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    placed = 0
-    for row in rows:
-        if row.get("test_acc_mean") is None or not row.get("params"):
-            continue
-        point = (row["params"], row["test_acc_mean"])
-        ax.errorbar(
-            *point, yerr=row["test_acc_std"], fmt="o", capsize=3, color=colour[row["model"]]
-        )
-        # alternate the label above/below so neighbours of equal size stay readable
-        offset = (6, 6) if placed % 2 == 0 else (6, -12)
-        ax.annotate(
-            row["model"], point, xytext=offset, textcoords="offset points", fontsize="small"
-        )
-        placed += 1
+    series = _per_epoch(runs, "test_acc")
+    for model in [m for m in models if m in series]:
+        epochs, mean, std = series[model]
+        ax.errorbar(epochs, [100 * v for v in mean], yerr=[100 * v for v in std], label=model,
+                    color=colour[model], marker=marker[model], **style)  # fmt: skip
+    ax.set_ylabel("test accuracy % (mean ± std over seeds)")
+    _finish_axes(ax, epochs=True)
+    save(fig, [ax], "accuracy_per_epoch.png")
+
+    # forward and backward iterations / NFE per epoch, side by side
+    fig, axes = plt.subplots(1, 2, figsize=(9.6, 4.0), sharex=True)
+    for ax, key, title in (
+        (axes[0], "fwd_iters", "forward"),
+        (axes[1], "bwd_iters", "backward"),
+    ):
+        series = _per_epoch(runs, key)
+        for model in [m for m in models if m in series]:
+            epochs, mean, std = series[model]
+            unit = units.get(model)
+            ax.errorbar(epochs, mean, yerr=std, label=f"{model} ({unit})" if unit else model,
+                        color=colour[model], marker=marker[model], **style)  # fmt: skip
+        ax.set_title(f"{title} solve", fontsize="medium")
+        ax.set_ylabel("iterations / NFE per solve (train)")
+        ax.set_ylim(bottom=0)
+        _finish_axes(ax, epochs=True)
+    save(fig, list(axes), "iterations_per_epoch.png")
+
+    # final accuracy vs parameters
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    placed = [r for r in rows if r.get("test_acc_mean") is not None and r.get("params")]
+    same_size: dict[int, list[str]] = {}
+    for row in placed:
+        same_size.setdefault(row["params"], []).append(row["model"])
+    for row in placed:
+        model = row["model"]
+        # models of the same size sit side by side (a few % apart on the log axis), so
+        # their markers and error bars do not cover each other; the legend has the count
+        group = same_size[row["params"]]
+        shift = 1.03 ** (group.index(model) - (len(group) - 1) / 2)
+        ax.errorbar(row["params"] * shift, 100 * row["test_acc_mean"], yerr=100 * row["test_acc_std"],
+                    label=f"{model} ({row['params']:,})", color=colour[model],
+                    marker=marker[model], linestyle="none", **style)  # fmt: skip
     ax.set_xscale("log")
-    ax.set_xlabel("parameters")
-    ax.set_ylabel("test accuracy (mean ± std over seeds)")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out_dir / "accuracy_vs_params.png", dpi=100)
-    plt.close(fig)
-    written.append(out_dir / "accuracy_vs_params.png")
+    ax.set_xlabel("parameters (log scale)")
+    ax.set_ylabel("final test accuracy % (mean ± std)")
+    _finish_axes(ax, epochs=False)
+    save(fig, [ax], "accuracy_vs_params.png")
     return written
 
 
-def write_report(results_dir: str | Path, *, plots: bool = True) -> dict[str, Any]:
+def write_report(
+    results_dir: str | Path, *, plots: bool = True, reference: str | None = None
+) -> dict[str, Any]:
     """(Re-)write ``compare.md``, ``compare.json`` and the PNG plots of ``results_dir``.
+
+    Args:
+        results_dir: A ``compare`` output directory, one ``train --out`` directory, or a
+            directory holding several run directories.
+        plots: Also write the PNG plots.
+        reference: Model the ratio columns divide by (default: the one the comparison
+            was run with, else the first pcDEQ model with a finished run).
 
     Raises:
         FileNotFoundError: the directory holds neither run summaries nor a compare plan.
+        ValueError: ``reference`` is not one of the compared models.
     """
     results = Path(results_dir)
     if not results.is_dir():
         raise FileNotFoundError(f"results directory {results} does not exist")
     plan_path = results / PLAN
-    plan = json.loads(plan_path.read_text()) if plan_path.is_file() else {}
+    try:
+        plan = json.loads(plan_path.read_text()) if plan_path.is_file() else {}
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(
+            f"{plan_path} is unreadable ({exc}); it names the compared models -- restore it, "
+            "or delete it to report the run summaries alone"
+        ) from exc
     runs = collect_runs(results)
     if not runs and not plan:
         raise FileNotFoundError(
@@ -313,11 +479,20 @@ def write_report(results_dir: str | Path, *, plots: bool = True) -> dict[str, An
             "(from `pcdeq-bench compare`)"
         )
     rows = aggregate(runs, plan)
-    meta = {k: plan[k] for k in ("dataset", "epochs", "seeds") if k in plan}
+    chosen = pick_reference(rows, reference or plan.get("reference"))
+    add_ratios(rows, chosen)
+    meta = {k: plan[k] for k in ("dataset", "epochs", "seeds", "jobs") if k in plan}
+    meta["reference"] = chosen
     markdown = render_markdown(rows, meta)
-    (results / "compare.md").write_text(markdown)
+    try:
+        atomic_write_bytes(results / "compare.md", markdown.encode())
+    except OSError as exc:
+        raise ValueError(
+            f"cannot write the report into {results} ({exc}); copy the directory somewhere "
+            "writable and report that copy"
+        ) from exc
     slim_runs = [{k: v for k, v in r.items() if k not in ("history", "config")} for r in runs]
-    report = {"meta": plan, "rows": rows, "runs": slim_runs}
+    report = {"meta": {**plan, "reference": chosen}, "rows": rows, "runs": slim_runs}
     write_json(results / "compare.json", report)
     report["markdown"] = markdown
     report["plots"] = [str(p) for p in write_plots(results, runs, rows)] if plots else []
