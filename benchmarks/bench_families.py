@@ -23,12 +23,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,6 +35,10 @@ import torch.nn.functional as F
 
 from pcdeq_plugin import build_model, list_models
 from pcdeq_plugin.registry import MODELS
+
+if str(Path(__file__).resolve().parent) not in sys.path:  # loaded by path (tests)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import machine_description, timed  # noqa: E402
 
 #: the model that represents each family, in table order (pcDEQ first: the reference)
 PREFERRED: dict[str, str] = {
@@ -60,19 +63,6 @@ def default_models() -> list[tuple[str, str | None]]:
     for family in sorted(set(registered.values()) - set(PREFERRED)):
         chosen.append((family, min(n for n, f in registered.items() if f == family)))
     return chosen
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(fn: Callable[[], Any], device: torch.device) -> float:
-    _sync(device)
-    start = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - start
 
 
 def _rss_bytes() -> int | None:
@@ -134,7 +124,7 @@ def measure(
     forward()  # warm-up
     fwd_t, fwd_n, failed = [], [], []
     for _ in range(repeats):
-        fwd_t.append(_timed(forward, device))
+        fwd_t.append(timed(forward, device))
         n, fwd_unit, bad = _sum_stats(model, "forward")
         fwd_n.append(n)
         failed.append(bad)
@@ -142,7 +132,7 @@ def measure(
     forward_backward()  # warm-up
     fb_t, bwd_n = [], []
     for _ in range(repeats):
-        fb_t.append(_timed(forward_backward, device))
+        fb_t.append(timed(forward_backward, device))
         n, bwd_unit, _ = _sum_stats(model, "backward")
         bwd_n.append(n)
     peak: float | None = None
@@ -313,10 +303,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         f"# implicit-model families (preset {args.preset}, batch {args.batch}, "
         f"median of {args.repeats} runs; peak memory: {memory})"
     )
-    print(
-        f"machine: {platform.machine()}, os.cpu_count()={os.cpu_count()}, torch {torch.__version__}, "
-        f"torch threads {torch.get_num_threads()}, device {device}"
-    )
+    print(machine_description(device))
     print()
     print(format_table(rows))
     return rows

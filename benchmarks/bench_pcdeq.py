@@ -21,18 +21,20 @@ It never asserts on time. Example::
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import sys
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from pcdeq_plugin import ImplicitModel, build_model, list_models, list_solvers
+
+if str(Path(__file__).resolve().parent) not in sys.path:  # loaded by path (tests)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import machine_description, median_time, timed  # noqa: E402
 
 PCDEQ_MODELS: tuple[str, ...] = (
     "pcdeq-linear-1",
@@ -45,23 +47,6 @@ PCDEQ_MODELS: tuple[str, ...] = (
 SOLVERS: tuple[str, ...] = ("fixed_point", "anderson")
 INPUT_SHAPE = (1, 28, 28)
 NUM_CLASSES = 10
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(fn: Callable[[], Any], device: torch.device) -> float:
-    _sync(device)
-    start = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - start
-
-
-def _median_time(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
-    return statistics.median(_timed(fn, device) for _ in range(repeats))
 
 
 def _capture_block_io(model: ImplicitModel, x: torch.Tensor) -> list[tuple[Any, Any, Any]]:
@@ -95,11 +80,11 @@ def _block_costs(
     with torch.no_grad():
         u = block.injection(pre_injection)
         weight = block.weight.detach()
-        cell = _median_time(lambda: block.cell(z_star, u, weight), device, 5 * repeats)
+        cell = median_time(lambda: block.cell(z_star, u, weight), device, 5 * repeats)
     z_leaf = z_star.detach().requires_grad_()
     f0 = block.cell(z_leaf, u, weight)
     v = torch.randn_like(f0)
-    vjp = _median_time(
+    vjp = median_time(
         lambda: torch.autograd.grad(f0, z_leaf, v, retain_graph=True), device, 5 * repeats
     )
     return cell, vjp
@@ -138,7 +123,7 @@ def bench_model(
     forward()  # warm-up
     fwd_times, fwd_iters, fwd_solve, failed = [], [], [], []
     for _ in range(repeats):
-        fwd_times.append(_timed(forward, device))
+        fwd_times.append(timed(forward, device))
         stats = [s.forward for s in model.solver_stats() if s.forward is not None]
         fwd_iters.append(sum(s.iterations for s in stats))
         fwd_solve.append(sum(s.seconds for s in stats))
@@ -151,7 +136,7 @@ def bench_model(
     forward_backward()  # warm-up
     fb_times, bwd_iters, bwd_solve = [], [], []
     for _ in range(repeats):
-        fb_times.append(_timed(forward_backward, device))
+        fb_times.append(timed(forward_backward, device))
         stats = [s.backward for s in model.solver_stats() if s.backward is not None]
         bwd_iters.append(sum(s.iterations for s in stats))
         bwd_solve.append(sum(s.seconds for s in stats))
@@ -203,16 +188,6 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     for row in rows:
         lines.append("| " + " | ".join(fmt.format(row[key]) for key, _, fmt in COLUMNS) + " |")
     return "\n".join(lines)
-
-
-def machine_description(device: torch.device) -> str:
-    """One line naming the machine the numbers come from."""
-    return (
-        f"machine: {platform.machine()} {platform.processor() or ''}".rstrip()
-        + f", os.cpu_count()={os.cpu_count()}, torch {torch.__version__}, "
-        f"torch threads {torch.get_num_threads()}, device {device}, "
-        f"python {platform.python_version()}"
-    )
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

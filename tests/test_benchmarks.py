@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import sys
+import time
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -84,3 +87,15 @@ def test_bench_families_worker_reports_peak_memory():
     row = bench._run_worker("pcdeq-linear-1", args)
     assert row["model"] == "pcdeq-linear-1" and row["fwd_n"] >= 1
     assert row["peak_mib"] is not None and row["peak_mib"] >= 0
+
+
+def test_both_scripts_share_the_timing_helpers():
+    pcdeq, families = load_script("bench_pcdeq"), load_script("bench_families")
+    timing = sys.modules["_timing"]
+    assert pcdeq.timed is timing.timed and families.timed is timing.timed
+    assert pcdeq.machine_description is families.machine_description
+    cpu = torch.device("cpu")
+    assert timing.timed(lambda: time.sleep(0.02), cpu) >= 0.02
+    assert timing.median_time(lambda: None, cpu, 3) >= 0
+    line = timing.machine_description(cpu)
+    assert line.startswith("machine: ") and "os.cpu_count()=" in line and "device cpu" in line

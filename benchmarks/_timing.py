@@ -1,0 +1,51 @@
+"""Timing helpers shared by the benchmark scripts in this folder (not part of the library).
+
+The scripts import it as a sibling module (``from _timing import ...``): run as
+``python benchmarks/bench_x.py`` the folder is on ``sys.path`` already, and a script loaded
+by path (the tests) puts it there first.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+__all__ = ["machine_description", "median_time", "synchronize", "timed"]
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued device work, so a host clock measures it (no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def timed(fn: Callable[[], Any], device: torch.device) -> float:
+    """Wall-clock seconds of one call of ``fn``, device work included."""
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def median_time(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
+    """Median of ``repeats`` timed calls of ``fn``."""
+    return statistics.median(timed(fn, device) for _ in range(repeats))
+
+
+def machine_description(device: torch.device) -> str:
+    """One line naming the machine the numbers come from."""
+    return (
+        f"machine: {platform.machine()} {platform.processor() or ''}".rstrip()
+        + f", os.cpu_count()={os.cpu_count()}, torch {torch.__version__}, "
+        f"torch threads {torch.get_num_threads()}, device {device}, "
+        f"python {platform.python_version()}"
+    )
