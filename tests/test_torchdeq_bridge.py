@@ -459,6 +459,8 @@ def test_add_pcdeq_args_accepts_registered_solvers() -> None:
     assert args.pc_activation == "tanh"
     deq = get_deq(pcdeq_deq_kwargs(args))
     assert deq.b_solver is pcdeq_solver
+    # --pc_activation reads the activation registry at parse time
+    assert parser.parse_args(["--pc_activation", "softsign"]).pc_activation == "softsign"
 
 
 def test_add_pcdeq_args_sees_later_registrations() -> None:
@@ -473,6 +475,7 @@ def test_add_pcdeq_args_sees_later_registrations() -> None:
         (["--b_solver", "nope"], "invalid choice: 'nope'"),
         (["--f_stop_mode", "thompson"], "invalid choice: 'thompson'"),
         (["--pc_norm_param", "exp"], "invalid choice: 'exp'"),
+        (["--pc_activation", "sigmoidd"], "invalid choice: 'sigmoidd'"),
     ],
 )
 def test_add_pcdeq_args_rejects_unknown_values(argv, needle, capsys) -> None:
@@ -484,6 +487,8 @@ def test_add_pcdeq_args_rejects_unknown_values(argv, needle, capsys) -> None:
     assert needle in err
     if argv[0] == "--b_solver":
         assert "'pcdeq'" in err and "'anderson'" in err  # the choices are listed
+    if argv[0] == "--pc_activation":
+        assert "'sigmoid'" in err and "'tanh'" in err
 
 
 def test_deq_kwargs_copies_and_validates(registered) -> None:

@@ -182,7 +182,7 @@ def add_pcdeq_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         actions[dest].choices = STOP_MODES
 
     def activations() -> list[str]:
-        from .registry import list_activations
+        from ..registry import list_activations
 
         return list_activations()
 
