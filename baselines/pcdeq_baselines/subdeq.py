@@ -35,7 +35,6 @@ Deviations from the released code, on purpose:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -43,8 +42,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from pcdeq_plugin import ImplicitBlock, ImplicitModel, ModelSpec, SolverConfig, solve_implicit
+from pcdeq_plugin.implicit import make_solvers
 from pcdeq_plugin.interface import split_solver_options
 
+from .options import check_count, check_flag, check_input_shape, check_overrides, is_mnist_like
 from .subdeq_certificate import SubhomogeneityCertificate, activation_coefficient, tanh_slope_bound
 
 __all__ = [
@@ -59,7 +60,9 @@ __all__ = [
     "SubhomogeneityCertificate",
     "activation_coefficient",
     "make_subdeq_conv",
+    "make_subdeq_conv_normalized",
     "make_subdeq_fc",
+    "make_subdeq_fc_normalized",
 ]
 
 #: Shift of the plain SubDEQ activation ``tanh + c`` (coefficient just below 1).
@@ -105,8 +108,9 @@ class SubDEQBlock(ImplicitBlock):
         self.activation_coefficient = activation_coefficient(shift)  # validates shift
         if not isinstance(config, SolverConfig):
             raise TypeError(f"config must be a SolverConfig, got {type(config).__name__}")
+        make_solvers(config)  # unknown solver names or options fail here, not at the first batch
         self.shift = float(shift)
-        self.normalize = bool(normalize)
+        self.normalize = check_flag("normalize", normalize)
         self.config = config
         self._last_injection: torch.Tensor | None = None
         self._last_fixed_point: torch.Tensor | None = None
@@ -262,11 +266,14 @@ class SubDEQFcNet(_SubDEQNet):
         self, input_shape: tuple[int, int, int], num_classes: int, *, width: int, **block: Any
     ) -> None:
         super().__init__()
+        self.input_shape = tuple(input_shape)
+        check_count("width", width)
         self.block = SubDEQLinearBlock(math.prod(input_shape), width, name="subdeq", **block)
         self.norm = nn.BatchNorm1d(width)
         self.head = nn.Linear(width, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input_shape(x, self.input_shape, "SubDEQFcNet")
         return self.head(self.norm(self.block(x)))
 
 
@@ -283,15 +290,20 @@ class SubDEQConvNet(_SubDEQNet):
         **block: Any,
     ) -> None:
         super().__init__()
+        self.input_shape = tuple(input_shape)
         c, h, w = input_shape
-        if not (1 <= pool <= min(h, w)):
-            raise ValueError(f"pool must be between 1 and the image size {min(h, w)}, got {pool}")
+        check_count("channels", channels)
+        if isinstance(pool, bool) or not (isinstance(pool, int) and 1 <= pool <= min(h, w)):
+            raise ValueError(
+                f"pool must be an integer between 1 and the image size {min(h, w)}, got {pool!r}"
+            )
         self.block = SubDEQConvBlock(c, channels, name="subdeq", **block)
         self.norm = nn.BatchNorm2d(channels)
         self.pool = nn.AvgPool2d(pool, pool)
         self.head = nn.Linear(channels * (h // pool) * (w // pool), num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input_shape(x, self.input_shape, "SubDEQConvNet")
         return self.head(self.pool(self.norm(self.block(x))).flatten(1))
 
 
@@ -303,15 +315,38 @@ def _split_options(
 ) -> tuple[dict[str, Any], SolverConfig]:
     """Validate ``overrides`` against the model's options and build its SolverConfig."""
     solver, rest = split_solver_options(overrides)
-    valid = sorted([*defaults, *SolverConfig.field_names()])
-    unknown = sorted(set(rest) - set(defaults))
-    if unknown:
-        raise TypeError(f"{model}: unknown option(s) {unknown}; valid options: {', '.join(valid)}")
+    check_overrides(model, overrides, [*defaults, *SolverConfig.field_names()])
     return {**defaults, **rest}, SUBDEQ_SOLVER.replace(**solver)
 
 
-def _is_mnist_like(input_shape: tuple[int, int, int]) -> bool:
-    return input_shape[0] == 1 and max(input_shape[1:]) <= 28
+def _fc(
+    model: str,
+    normalize: bool,
+    input_shape: tuple[int, int, int],
+    num_classes: int,
+    overrides: dict[str, Any],
+) -> SubDEQFcNet:
+    defaults = {"width": 87, "normalize": normalize, "shift": None}
+    options, config = _split_options(model, overrides, defaults)
+    return SubDEQFcNet(input_shape, num_classes, config=config, **options)
+
+
+def _conv(
+    model: str,
+    normalize: bool,
+    input_shape: tuple[int, int, int],
+    num_classes: int,
+    overrides: dict[str, Any],
+) -> SubDEQConvNet:
+    mnist = is_mnist_like(input_shape)
+    defaults = {
+        "channels": 32 if mnist else 48,
+        "pool": 6 if mnist else 8,
+        "normalize": normalize,
+        "shift": None,
+    }
+    options, config = _split_options(model, overrides, defaults)
+    return SubDEQConvNet(input_shape, num_classes, config=config, **options)
 
 
 def make_subdeq_fc(
@@ -319,9 +354,14 @@ def make_subdeq_fc(
 ) -> SubDEQFcNet:
     """``subdeq-fc``: options ``width`` (87), ``normalize`` (False), ``shift`` (1.2 / 1.603)
     and the solver options of :class:`~pcdeq_plugin.SolverConfig`."""
-    defaults = {"width": 87, "normalize": False, "shift": None}
-    options, config = _split_options("subdeq-fc", overrides, defaults)
-    return SubDEQFcNet(input_shape, num_classes, config=config, **options)
+    return _fc("subdeq-fc", False, input_shape, num_classes, overrides)
+
+
+def make_subdeq_fc_normalized(
+    input_shape: tuple[int, int, int], num_classes: int, **overrides: Any
+) -> SubDEQFcNet:
+    """``subdeq-fc-normalized``: :func:`make_subdeq_fc` with ``normalize=True`` (shift 1.603)."""
+    return _fc("subdeq-fc-normalized", True, input_shape, num_classes, overrides)
 
 
 def make_subdeq_conv(
@@ -329,26 +369,14 @@ def make_subdeq_conv(
 ) -> SubDEQConvNet:
     """``subdeq-conv``: options ``channels`` (32 MNIST-sized, else 48), ``pool`` (6 / 8),
     ``normalize``, ``shift`` and the solver options."""
-    mnist = _is_mnist_like(input_shape)
-    defaults = {
-        "channels": 32 if mnist else 48,
-        "pool": 6 if mnist else 8,
-        "normalize": False,
-        "shift": None,
-    }
-    options, config = _split_options("subdeq-conv", overrides, defaults)
-    return SubDEQConvNet(input_shape, num_classes, config=config, **options)
+    return _conv("subdeq-conv", False, input_shape, num_classes, overrides)
 
 
-def _normalized(factory: Callable[..., ImplicitModel]) -> Callable[..., ImplicitModel]:
-    def make(
-        input_shape: tuple[int, int, int], num_classes: int, **overrides: Any
-    ) -> ImplicitModel:
-        return factory(input_shape, num_classes, **{"normalize": True, **overrides})
-
-    make.__name__ = f"{factory.__name__}_normalized"
-    make.__doc__ = f"{factory.__name__} with normalize=True (shift 1.603) by default."
-    return make
+def make_subdeq_conv_normalized(
+    input_shape: tuple[int, int, int], num_classes: int, **overrides: Any
+) -> SubDEQConvNet:
+    """``subdeq-conv-normalized``: :func:`make_subdeq_conv` with ``normalize=True``."""
+    return _conv("subdeq-conv-normalized", True, input_shape, num_classes, overrides)
 
 
 # Adam, lr 1e-3, weight decay 1e-5, cosine annealing per step down to 1e-6, batch 128
@@ -387,7 +415,7 @@ MODEL_SPECS: dict[str, ModelSpec] = {
     ),
     "subdeq-fc-normalized": ModelSpec(
         "subdeq-fc-normalized",
-        _normalized(make_subdeq_fc),
+        make_subdeq_fc_normalized,
         "subdeq",
         "SubDEQ fully connected, shift 1.603 and per-sample infinity-norm normalisation",
         presets=_FC_PRESETS,
@@ -403,7 +431,7 @@ MODEL_SPECS: dict[str, ModelSpec] = {
     ),
     "subdeq-conv-normalized": ModelSpec(
         "subdeq-conv-normalized",
-        _normalized(make_subdeq_conv),
+        make_subdeq_conv_normalized,
         "subdeq",
         "SubDEQ convolutional, shift 1.603 and per-sample infinity-norm normalisation",
         presets=_CONV_PRESETS,

@@ -24,6 +24,7 @@ from torch import nn
 
 from pcdeq_plugin import ImplicitModel, ModelSpec
 
+from .options import check_counts, check_input_shape, check_overrides
 from .unconstrained_block import ACTIVATIONS, RECURRENT_INITS, SOLVERS, UnconstrainedDEQBlock
 
 __all__ = [
@@ -58,13 +59,6 @@ def _pooled(size: int, kernel: int, stride: int) -> int:
     return (size - kernel) // stride + 1
 
 
-def _check_positive_ints(label: str, values: Sequence[Any], count: int) -> tuple[int, ...]:
-    values = tuple(values)
-    if len(values) != count or not all(isinstance(v, int) and v >= 1 for v in values):
-        raise ValueError(f"{label} must be {count} integer(s) >= 1, got {values!r}")
-    return values
-
-
 class UnconstrainedDEQLinear(ImplicitModel):
     """flatten -> Linear -> BN -> DEQ(Linear) -> BN -> Linear (the pcDEQ linear backbone).
 
@@ -86,7 +80,8 @@ class UnconstrainedDEQLinear(ImplicitModel):
         **block_options: Any,
     ) -> None:
         super().__init__()
-        (width,) = _check_positive_ints("width", (width,), 1)
+        (width,) = check_counts("width", width, 1)
+        self.input_shape = tuple(input_shape)
         self.embed = nn.Linear(math.prod(input_shape), width)
         self.bn_in = nn.BatchNorm1d(width)
         self.deq = UnconstrainedDEQBlock(nn.Linear(width, width), name="deq", **block_options)
@@ -94,6 +89,7 @@ class UnconstrainedDEQLinear(ImplicitModel):
         self.head = nn.Linear(width, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input_shape(x, self.input_shape, "deq-linear")
         z = self.deq(self.bn_in(self.embed(x.flatten(1))))
         return self.head(self.bn_out(z))
 
@@ -122,7 +118,8 @@ class UnconstrainedDEQSingleConv(ImplicitModel):
         channels, height, wide = input_shape
         if min(height, wide) < 8:
             raise ValueError(f"deq-single-conv needs images of at least 8x8, got {height}x{wide}")
-        (width,) = _check_positive_ints("width", (width,), 1)
+        (width,) = check_counts("width", width, 1)
+        self.input_shape = tuple(input_shape)
         self.embed = nn.Conv2d(channels, width, 3, padding=1)
         self.bn_in = nn.BatchNorm2d(width)
         self.deq = UnconstrainedDEQBlock(
@@ -134,6 +131,7 @@ class UnconstrainedDEQSingleConv(ImplicitModel):
         self.head = nn.Linear(width * _pooled(height, 8, 8) * _pooled(wide, 8, 8), num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input_shape(x, self.input_shape, "deq-single-conv")
         z = self.deq(self.bn_in(self.embed(x)))
         return self.head(self.avg(self.bn_out(self.pool(z))).flatten(1))
 
@@ -160,7 +158,8 @@ class UnconstrainedDEQMultiConv(ImplicitModel):
     ) -> None:
         super().__init__()
         channels, height, wide = input_shape
-        c1, c2, c3 = _check_positive_ints("widths", widths, 3)
+        c1, c2, c3 = check_counts("widths", widths, 3)
+        self.input_shape = tuple(input_shape)
         h3, w3 = (_pooled(_pooled(s, 3, 2), 3, 2) for s in (height, wide))
         if min(h3, w3) < 4:
             raise ValueError(
@@ -188,6 +187,7 @@ class UnconstrainedDEQMultiConv(ImplicitModel):
         self.head = nn.Linear(c3 * _pooled(h3, 4, 4) * _pooled(w3, 4, 4), num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input_shape(x, self.input_shape, "deq-multi-conv")
         z = self.deq1(self.stage1(x))
         z = self.deq2(self.stage2(z))
         z = self.deq3(self.stage3(z))
@@ -200,11 +200,7 @@ def _factory(cls: type[ImplicitModel], model: str, size_key: str) -> Callable[..
     def build(
         input_shape: tuple[int, int, int], num_classes: int, **overrides: Any
     ) -> ImplicitModel:
-        unknown = sorted(set(overrides) - set(valid))
-        if unknown:
-            raise TypeError(
-                f"{model}: unknown option(s) {unknown}; valid options: {', '.join(valid)}"
-            )
+        check_overrides(model, overrides, valid)
         return cls(tuple(input_shape), num_classes, **overrides)
 
     build.__name__ = f"build_{model.replace('-', '_')}"

@@ -26,24 +26,35 @@ Statistics (``block.last_stats``, unit ``"iter"``):
   delivered by TorchDEQ's ``backward_writer``; ``converged = residual <= backward_tol``.
 
 A missed tolerance never stops training unless ``on_failure="raise"``.
-Known TorchDEQ limits kept visible: solver options (``solver_options``, e.g. Anderson's
-``m``) reach the forward solver only; in ``eval()`` mode TorchDEQ returns a detached state.
+Known TorchDEQ limit kept visible: solver options (``solver_options``, e.g. Anderson's
+``m``) reach the forward solver only. TorchDEQ's inference path (``eval()`` mode) returns a
+detached state; the block takes it only when no graph is wanted (``no_grad``, or nothing
+upstream requires a gradient), so gradients flow in ``eval()`` mode too.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
-import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchdeq import get_deq
+from torchdeq.solver import get_solver as _torchdeq_solver
 
-from pcdeq_plugin import BlockStats, ConvergenceError, ConvergenceWarning, ImplicitBlock, SolveStats
+from pcdeq_plugin import BlockStats, ImplicitBlock, SolveStats
+
+from .options import (
+    FAILURE_POLICIES,
+    announce_failure,
+    check_choice,
+    check_count,
+    check_positive_number,
+)
 
 __all__ = ["ACTIVATIONS", "FAILURE_POLICIES", "RECURRENT_INITS", "SOLVERS", "UnconstrainedDEQBlock"]
 
@@ -60,13 +71,15 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 #: records no statistics and crashes as the backward solver under IFT.
 SOLVERS: tuple[str, ...] = ("anderson", "broyden", "fixed_point_iter")
 RECURRENT_INITS: tuple[str, ...] = ("pcdeq", "torch")
-FAILURE_POLICIES: tuple[str, ...] = ("ignore", "warn", "raise")
+#: Keyword options of the solvers the block sets itself (``solver_options`` may not).
+_RESERVED_OPTIONS = ("tol", "max_iter", "stop_mode", "indexing")
 
 
-def _choice(kind: str, value: str, choices: Sequence[str]) -> str:
-    if value not in choices:
-        raise ValueError(f"unknown {kind} {value!r}; available: {', '.join(choices)}")
-    return value
+def _solver_option_names(solver: str) -> set[str]:
+    """The keyword options TorchDEQ's ``solver`` reads (it silently ignores any other)."""
+    params = inspect.signature(_torchdeq_solver(solver)).parameters.values()
+    named = {p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD}
+    return named - {"func", "x0", "return_final"}
 
 
 class _Record:
@@ -148,34 +161,38 @@ class UnconstrainedDEQBlock(ImplicitBlock):
         name: str = "deq",
     ) -> None:
         super().__init__(name)
-        self.recurrent_init = _choice("recurrent_init", recurrent_init, RECURRENT_INITS)
-        self.activation_name = _choice("activation", activation, tuple(ACTIVATIONS))
+        self.recurrent_init = check_choice("recurrent_init", recurrent_init, RECURRENT_INITS)
+        self.activation_name = check_choice("activation", activation, ACTIVATIONS)
         self.activation = ACTIVATIONS[activation]
-        self.solver = _choice("solver", solver, SOLVERS)
-        self.backward_solver = _choice("backward solver", backward_solver or solver, SOLVERS)
-        self.tol = float(tol)
-        self.backward_tol = float(tol if backward_tol is None else backward_tol)
+        self.solver = check_choice("solver", solver, SOLVERS)
+        self.backward_solver = check_choice("backward solver", backward_solver or solver, SOLVERS)
+        self.tol = check_positive_number("tol", tol)
+        self.backward_tol = check_positive_number(
+            "backward_tol", tol if backward_tol is None else backward_tol
+        )
         self.max_iter = max_iter
         self.backward_max_iter = max_iter if backward_max_iter is None else backward_max_iter
-        for label, value in (("tol", self.tol), ("backward_tol", self.backward_tol)):
-            if not (value > 0 and math.isfinite(value)):
-                raise ValueError(f"{label} must be a positive finite number, got {value!r}")
         for label, value, method in (
             ("max_iter", self.max_iter, self.solver),
             ("backward_max_iter", self.backward_max_iter, self.backward_solver),
         ):
             # TorchDEQ's Anderson returns its start point unchanged below 3 iterations.
-            floor = 3 if method == "anderson" else 1
-            if not (isinstance(value, int) and value >= floor):
-                raise ValueError(
-                    f"{label} must be an integer >= {floor} for {method!r}, got {value!r}"
-                )
-        self.on_failure = _choice("on_failure", on_failure, FAILURE_POLICIES)
+            check_count(label, value, 3 if method == "anderson" else 1, context=f" for {method!r}")
+        self.on_failure = check_choice("on_failure", on_failure, FAILURE_POLICIES)
+        if solver_options is not None and not isinstance(solver_options, dict):
+            raise TypeError(f"solver_options must be a dict, got {solver_options!r}")
         options = dict(solver_options or {})  # never keep (or mutate) the caller's dict
-        reserved = sorted({"tol", "max_iter", "stop_mode", "indexing"} & set(options))
+        reserved = sorted(set(_RESERVED_OPTIONS) & set(options))
         if reserved:
             raise ValueError(
                 f"solver_options may not set {reserved}: use the block's own tol/max_iter arguments"
+            )
+        known = _solver_option_names(self.solver) - set(_RESERVED_OPTIONS)
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(
+                f"solver_options {unknown} are not read by TorchDEQ's {self.solver!r}; "
+                f"it reads: {', '.join(sorted(known))}"
             )
         self.solver_options = options
         self.layer = layer
@@ -197,11 +214,7 @@ class UnconstrainedDEQBlock(ImplicitBlock):
         )
 
     def _fail(self, message: str) -> None:
-        text = f"{self.block_name}: {message}"
-        if self.on_failure == "raise":
-            raise ConvergenceError(text)
-        if self.on_failure == "warn":
-            warnings.warn(text, ConvergenceWarning, stacklevel=3)
+        announce_failure(f"{self.block_name}: {message}", self.on_failure)
 
     def _backward_writer(self, record: _Record) -> Callable[[dict], None]:
         def write(info: dict) -> None:
@@ -241,15 +254,27 @@ class UnconstrainedDEQBlock(ImplicitBlock):
                 z = _CountVJP.apply(z, record)
             return self.activation(self.layer(z) + injection)
 
-        start = time.perf_counter()
-        z_out, info = self.deq(
-            cell,
-            torch.zeros_like(injection),  # positional: DEQSliced names this argument z_star
-            solver_kwargs=dict(self.solver_options),
-            backward_writer=self._backward_writer(record),
+        # TorchDEQ's inference path returns a *detached* state, which in eval() mode would
+        # silently cut every gradient through the block (input gradients, fine-tuning with
+        # frozen BatchNorm). Whenever a graph is wanted, take its training path (solve, then
+        # one differentiable step with the implicit backward) whatever the module's mode.
+        wants_graph = torch.is_grad_enabled() and (
+            injection.requires_grad or any(p.requires_grad for p in self.layer.parameters())
         )
-        # In training TorchDEQ appends one differentiable step z = f(z*) after the solve.
-        iterations = record.calls - (1 if self.deq.training else 0)
+        graph_path = self.training or wants_graph
+        start = time.perf_counter()
+        self.deq.train(graph_path)
+        try:
+            z_out, info = self.deq(
+                cell,
+                torch.zeros_like(injection),  # positional: DEQSliced names this argument z_star
+                solver_kwargs=dict(self.solver_options),
+                backward_writer=self._backward_writer(record),
+            )
+        finally:
+            self.deq.train(self.training)
+        # On that path TorchDEQ appends one differentiable step z = f(z*) after the solve.
+        iterations = record.calls - (1 if graph_path else 0)
         residual = info["rel_lowest"].detach().float()
         converged = residual <= self.tol
         stats.forward = SolveStats(
