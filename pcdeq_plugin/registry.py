@@ -331,9 +331,13 @@ def build_model(
         options.update(spec.presets[preset])
     options.update(overrides)
     shape = _check_input_shape(input_shape)
-    if isinstance(num_classes, bool) or not (isinstance(num_classes, int) and num_classes >= 2):
+    try:  # accepts numpy and torch integers, refuses floats and bools
+        classes = -1 if isinstance(num_classes, bool) else operator.index(num_classes)
+    except TypeError:
+        classes = -1
+    if classes < 2:
         raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
-    return spec.factory(shape, num_classes, **options)
+    return spec.factory(shape, classes, **options)
 
 
 def _check_input_shape(input_shape: object) -> tuple[int, int, int]:

@@ -104,8 +104,11 @@ def test_build_model_errors() -> None:
     for bad in (28, (1, 28.5, 28), (1, -28, 28), (1, 0, 28), (True, 28, 28), "1x28x28"):
         with pytest.raises(ValueError, match=r"three integers >= 1, e.g. \(1, 28, 28\), got"):
             build_model("pcdeq-linear-1", bad)  # type: ignore[arg-type]
-    model = build_model("pcdeq-linear-1", torch.Size([1, 4, 4]), 3, width=3)
-    assert model.input_shape == (1, 4, 4)
+    model = build_model("pcdeq-linear-1", torch.Size([1, 4, 4]), torch.tensor(3), width=3)
+    assert model.input_shape == (1, 4, 4) and model.classifier.out_features == 3
+    for bad_classes in (10.0, True, "10"):
+        with pytest.raises(ValueError, match="num_classes must be an integer >= 2"):
+            build_model("pcdeq-linear-1", (1, 28, 28), bad_classes)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="num_classes must be an integer >= 2"):
         build_model("pcdeq-linear-1", (1, 28, 28), 1)
 
