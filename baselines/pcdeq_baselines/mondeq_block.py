@@ -22,6 +22,7 @@ from pcdeq_plugin.implicit import enforce_failure_policy
 
 from .mondeq_ops import MonotoneOperator, Resolvent, State
 from .mondeq_splitting import (
+    SplittingResult,
     check_stop_rule,
     get_splitting,
     per_sample_residual,
@@ -197,15 +198,7 @@ class MonDEQBlock(ImplicitBlock):
         # the one differentiable application of the layer at the equilibrium
         z = prox(tuple(w + b for w, b in zip(self.operator.multiply(result.value), bias)))
         residual = per_sample_residual(tuple(t.detach() for t in z), result.value)
-        stats = SolveStats(
-            iterations=result.iterations,
-            residual=residual,
-            converged=result.converged & torch.isfinite(residual),
-            seconds=time.perf_counter() - start,
-            unit="iter",
-            solver=self.splitting,
-            max_iter=self.max_iter,
-        )
+        stats = _record(self, result, residual, start, "forward")
         self.last_stats.forward, self.last_stats.backward = stats, None
         enforce_failure_policy(
             stats, self.on_failure, block=self.block_name, phase="forward", tol=self.tol
@@ -213,6 +206,22 @@ class MonDEQBlock(ImplicitBlock):
         if any(t.requires_grad for t in z):
             z = _AdjointStep.apply(self, alpha, resolvent, *z)
         return z
+
+
+def _record(
+    block: MonDEQBlock, result: SplittingResult, residual: torch.Tensor, start: float, phase: str
+) -> SolveStats:
+    """The statistics of one splitting solve: its iterations, the true per-sample residual
+    (non-finite counts as failed, whatever the stopping rule said) and its wall time."""
+    return SolveStats(
+        iterations=result.iterations,
+        residual=residual,
+        converged=result.converged & torch.isfinite(residual),
+        seconds=time.perf_counter() - start,
+        unit="iter",
+        solver=block.splitting,
+        max_iter=block.max_iter if phase == "forward" else block.backward_max_iter,
+    )
 
 
 class _AdjointStep(torch.autograd.Function):
@@ -253,16 +262,7 @@ class _AdjointStep(torch.autograd.Function):
         fu = tuple(
             torch.where(j, w + g, torch.zeros_like(w)) for j, w, g in zip(active, wtu, grads)
         )
-        residual = per_sample_residual(fu, u)
-        stats = SolveStats(
-            iterations=result.iterations,
-            residual=residual,
-            converged=result.converged & torch.isfinite(residual),
-            seconds=time.perf_counter() - start,
-            unit="iter",
-            solver=block.splitting,
-            max_iter=block.backward_max_iter,
-        )
+        stats = _record(block, result, per_sample_residual(fu, u), start, "backward")
         block.last_stats.backward = stats
         enforce_failure_policy(
             stats,
