@@ -118,6 +118,9 @@ def test_stop_modes_and_unknown_mode() -> None:
     assert float(info_rel["rel_lowest"].max()) < 1e-3
     with pytest.raises(ValueError, match="unknown stop_mode 'thompson'; choose one of abs, rel"):
         pcdeq_solver(f, torch.zeros(3, 5), 10, 1e-3, "thompson")
+    for bad_tol in (0.0, -1e-3, float("nan")):
+        with pytest.raises(ValueError, match="tol must be a positive number"):
+            pcdeq_solver(f, torch.zeros(3, 5), 10, bad_tol, "rel")
 
 
 def test_small_and_zero_budgets_make_progress() -> None:
@@ -530,6 +533,12 @@ def test_deq_kwargs_unknown_keys(kwargs, needle) -> None:
         ({"f_solver": "nope"}, "f_solver='nope' is not a registered TorchDEQ solver"),
         ({"core": "deep"}, "core='deep' is not a registered TorchDEQ core"),
         ({"b_solver": "simple_fixed_point_iter", "ift": True}, "crashes under implicit"),
+        ({"f_tol": -1e-3}, "f_tol must be a positive finite number, got -0.001"),
+        ({"b_tol": float("nan")}, "b_tol must be a positive finite number, got nan"),
+        ({"f_tol": "1e-4"}, "f_tol must be a positive finite number, got '1e-4'"),
+        ({"f_max_iter": 0}, "f_max_iter must be an integer >= 1, got 0"),
+        ({"b_max_iter": 2.5}, "b_max_iter must be an integer >= 1, got 2.5"),
+        ({"eval_f_max_iter": -1}, "eval_f_max_iter must be an integer >= 0, got -1"),
     ],
 )
 def test_deq_kwargs_bad_values(kwargs, needle) -> None:

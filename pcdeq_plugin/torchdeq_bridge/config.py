@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import math
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -113,6 +114,7 @@ def pcdeq_deq_kwargs(args: Any = None, **overrides: Any) -> dict[str, Any]:
             f"ignore them. Valid keys: {', '.join(sorted(valid))}"
         )
     config.update(overrides)
+    _check_numbers(config)
     for key in ("f_stop_mode", "b_stop_mode"):
         if key in config and config[key] not in STOP_MODES:
             raise ValueError(f"{key} must be one of {', '.join(STOP_MODES)}, got {config[key]!r}")
@@ -136,6 +138,21 @@ def pcdeq_deq_kwargs(args: Any = None, **overrides: Any) -> dict[str, Any]:
             "TorchDEQ 0.1.0 (it passes tau= to the adjoint map); use 'fixed_point_iter' or 'pcdeq'"
         )
     return config
+
+
+def _check_numbers(config: dict[str, Any]) -> None:
+    """Tolerances and iteration caps TorchDEQ would accept and then misuse silently."""
+    for key in ("f_tol", "b_tol"):
+        value = config.get(key)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if key in config and not (number and math.isfinite(value) and value > 0):
+            raise ValueError(f"{key} must be a positive finite number, got {value!r}")
+    for key, least in (("f_max_iter", 1), ("b_max_iter", 1), ("eval_f_max_iter", 0)):
+        value = config.get(key)
+        if key in config and (
+            isinstance(value, bool) or not isinstance(value, int) or value < least
+        ):
+            raise ValueError(f"{key} must be an integer >= {least}, got {value!r}")
 
 
 class _LiveChoices:

@@ -61,7 +61,8 @@ def pcdeq_solver(
 
     Raises:
         TypeError: ``x0`` is not a tensor.
-        ValueError: unknown ``stop_mode``, negative ``max_iter``, or ``func`` changed the shape.
+        ValueError: unknown ``stop_mode``, negative ``max_iter``, ``tol`` not positive, or
+            ``func`` changed the shape.
     """
     if not isinstance(x0, torch.Tensor):
         raise TypeError(
@@ -72,6 +73,8 @@ def pcdeq_solver(
         raise ValueError(f"unknown stop_mode {stop_mode!r}; choose one of {', '.join(STOP_MODES)}")
     if int(max_iter) != max_iter or max_iter < 0:
         raise ValueError(f"max_iter must be an integer >= 0, got {max_iter!r}")
+    if not (isinstance(tol, (int, float)) and tol > 0):  # NaN or <= 0 would never stop early
+        raise ValueError(f"tol must be a positive number, got {tol!r}")
     solver_stat = import_torchdeq().solver.stat.SolverStat
     max_iter = int(max_iter)
     wanted = [int(i) for i in indexing] if indexing else []
