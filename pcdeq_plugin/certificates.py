@@ -261,13 +261,21 @@ def certify(
         A :class:`Certificate`; ``certificate.ok`` and ``certificate.summary()``.
 
     Raises:
-        TypeError: ``block`` is not a pcDEQ block.
-        ValueError: ``pre_injection`` has the wrong shape, or ``steps < 2``.
+        TypeError: ``block`` is not a pcDEQ block, or ``dtype`` is not a floating dtype.
+        ValueError: ``pre_injection`` has the wrong shape, ``steps < 2`` or ``tol`` is not a
+            positive finite number.
     """
     if not isinstance(block, PcDEQBlock):
         raise TypeError(f"certify needs a PcDEQBlock, got {type(block).__name__}")
-    if not (isinstance(steps, int) and steps >= 2):
+    if isinstance(steps, bool) or not (isinstance(steps, int) and steps >= 2):
         raise ValueError(f"steps must be an integer >= 2, got {steps!r}")
+    tol_is_number = isinstance(tol, (int, float)) and not isinstance(tol, bool)
+    if not (tol_is_number and math.isfinite(tol) and tol > 0):
+        raise ValueError(f"tol must be a positive finite number, got {tol!r}")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(
+            f"dtype must be a floating torch.dtype (e.g. torch.float64) or None, got {dtype!r}"
+        )
     if not isinstance(pre_injection, torch.Tensor) or not pre_injection.is_floating_point():
         raise TypeError("pre_injection must be a floating-point torch.Tensor")
     block._check_shape(pre_injection)

@@ -184,3 +184,11 @@ def test_bad_arguments() -> None:
         certify(block, pre("linear"), steps=1)
     with pytest.raises(ValueError, match="no pcDEQ block"):
         certify_model(torch.nn.Linear(2, 2), torch.randn(1, 2))
+    for bad_tol in (-1.0, 0.0, float("nan"), "1e-10"):
+        with pytest.raises(ValueError, match="tol must be a positive finite number"):
+            certify(block, pre("linear"), tol=bad_tol)  # type: ignore[arg-type]
+    for bad_dtype in ("float64", torch.int64):
+        with pytest.raises(TypeError, match=r"dtype must be a floating torch.dtype.*or None"):
+            certify(block, pre("linear"), dtype=bad_dtype)  # type: ignore[arg-type]
+    x = pre("linear").float()
+    assert certify(block, x, dtype=None, steps=50).lower.dtype == torch.float32  # kept
