@@ -210,3 +210,19 @@ def test_announce_failure_policies():
     assert info.value.__cause__ is cause
     with pytest.raises(ValueError, match="unknown on_failure 'explode'; available: ignore"):
         announce_failure("x", "explode")
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_bf16_autocast_trains_with_finite_gradients(name):
+    # pcdeq-bench --amp bf16: the blocks that solve an equilibrium do it in float32, and
+    # their backward pass (which runs outside the caller's autocast) must not mix dtypes
+    model = _small(name)
+    target = torch.tensor([3, 7])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(_batch())
+        loss = torch.nn.functional.cross_entropy(logits.float(), target)
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    for stats in model.solver_stats():
+        assert stats.forward is not None and stats.backward is not None, stats.block

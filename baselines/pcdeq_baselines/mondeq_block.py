@@ -20,6 +20,7 @@ import torch
 from pcdeq_plugin import ImplicitBlock, SolveStats
 from pcdeq_plugin.implicit import enforce_failure_policy
 
+from .autocast import solve_without_autocast
 from .mondeq_ops import MonotoneOperator, Resolvent, State
 from .mondeq_splitting import (
     SplittingResult,
@@ -171,17 +172,9 @@ class MonDEQBlock(ImplicitBlock):
         return batch_idx in (30, self.steps_per_epoch // 2) and batch_idx > 0
 
     def forward(self, x: torch.Tensor) -> State:
-        device_type = x.device.type
-        try:
-            autocast_on = torch.is_autocast_enabled(device_type)
-        except (TypeError, RuntimeError):  # a device type autocast does not know
-            autocast_on = False
-        if autocast_on:
-            # the FFTs, per-frequency inverses and a 1e-2 tolerance need float32: solve with
-            # autocast off (the head outside the block still runs under autocast)
-            with torch.autocast(device_type=device_type, enabled=False):
-                return self._forward(x.float())
-        return self._forward(x)
+        # the FFTs, per-frequency inverses and a 1e-2 tolerance need float32: solve with
+        # autocast off (the head outside the block still runs under autocast)
+        return solve_without_autocast(self._forward, x)
 
     def _forward(self, x: torch.Tensor) -> State:
         if self._tuning_due():

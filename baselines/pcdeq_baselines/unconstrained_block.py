@@ -48,6 +48,7 @@ from torchdeq.solver import get_solver as _torchdeq_solver
 
 from pcdeq_plugin import BlockStats, ImplicitBlock, SolveStats
 
+from .autocast import solve_without_autocast
 from .options import (
     FAILURE_POLICIES,
     announce_failure,
@@ -243,7 +244,15 @@ class UnconstrainedDEQBlock(ImplicitBlock):
         return write
 
     def forward(self, injection: torch.Tensor) -> torch.Tensor:
-        """Solve ``z = act(layer(z) + injection)`` from ``z = 0`` and return the fixed point."""
+        """Solve ``z = act(layer(z) + injection)`` from ``z = 0`` and return the fixed point.
+
+        Under autocast the solve runs in float32 with autocast off: TorchDEQ's implicit
+        backward re-evaluates the cell outside the caller's autocast, where a bfloat16 state
+        would meet the float32 weights.
+        """
+        return solve_without_autocast(self._solve, injection)
+
+    def _solve(self, injection: torch.Tensor) -> torch.Tensor:
         stats = BlockStats(self.block_name)
         self.last_stats = stats
         record = _Record(stats)
