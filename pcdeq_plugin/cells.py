@@ -114,6 +114,8 @@ class PcDEQBlock(ImplicitBlock):
             raise ValueError(
                 f"injection_floor must be a finite number >= 0, got {injection_floor!r}"
             )
+        if not isinstance(check_inputs, bool):  # bool("no") would silently mean True
+            raise TypeError(f"check_inputs must be True or False, got {check_inputs!r}")
         if config is None:
             config = SolverConfig()
         if not isinstance(config, SolverConfig):

@@ -306,6 +306,13 @@ def test_bad_constructor_arguments() -> None:
         PcDEQConv(3, kernel_size=2)
     with pytest.raises(TypeError, match="SolverConfig"):
         PcDEQLinear(3, config={"tol": 1e-3})
+    with pytest.raises(TypeError, match="check_inputs must be True or False, got 'no'"):
+        PcDEQLinear(3, check_inputs="no")  # type: ignore[arg-type]
+    # solver names and options are resolved at construction, not at the first forward
+    with pytest.raises(P.UnknownNameError, match="SolverConfig.solver: unknown solver 'newtn'"):
+        PcDEQConv(3, config=P.SolverConfig(solver="newtn"))
+    with pytest.raises(TypeError, match=r"SolverConfig.solver_options: .*\['memroy'\]"):
+        PcDEQLinear(3, config=P.SolverConfig(solver="anderson", solver_options={"memroy": 2}))
 
 
 def test_cached_context_is_left() -> None:
