@@ -3,6 +3,7 @@ evaluated, differentiated in eval mode, and fed bad options or bad inputs."""
 
 from __future__ import annotations
 
+import copy
 import io
 import warnings
 
@@ -226,3 +227,23 @@ def test_bf16_autocast_trains_with_finite_gradients(name):
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     for stats in model.solver_stats():
         assert stats.forward is not None and stats.backward is not None, stats.block
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_whole_model_pickles_and_deep_copies(name):
+    # torch.save(model) and copy.deepcopy (e.g. keeping a best model); TorchDEQ's instance
+    # holds closures, so the unconstrained blocks rebuild it from their settings
+    model = _small(name).eval()
+    x = _batch()
+    with torch.no_grad():
+        expected = model(x)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for clone in (torch.load(buffer, weights_only=False), copy.deepcopy(model)):
+        assert not clone.training
+        with torch.no_grad():
+            assert torch.allclose(clone(x), expected, atol=1e-6)
+        clone.train()
+        clone(_batch(4)).sum().backward()
+        assert all(s.backward is not None for s in clone.solver_stats())

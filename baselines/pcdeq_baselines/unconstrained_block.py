@@ -199,8 +199,11 @@ class UnconstrainedDEQBlock(ImplicitBlock):
         self.layer = layer
         if recurrent_init == "pcdeq":
             _pcdeq_magnitude_init(layer)
+        self.deq = self._make_deq()
+
+    def _make_deq(self) -> nn.Module:
         # One TorchDEQ instance per block, from keyword arguments only (a fresh config).
-        self.deq = get_deq(
+        return get_deq(
             core="sliced",
             ift=True,
             hook_ift=False,
@@ -213,6 +216,18 @@ class UnconstrainedDEQBlock(ImplicitBlock):
             f_stop_mode="rel",
             b_stop_mode="rel",
         )
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The TorchDEQ instance holds closures pickle cannot store (torch.save(model),
+        # multiprocessing); it has no tensors and is rebuilt from the block's settings.
+        state = super().__getstate__()
+        state["_modules"] = {k: v for k, v in state["_modules"].items() if k != "deq"}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.deq = self._make_deq()
+        self.deq.train(self.training)
 
     def _fail(self, message: str) -> None:
         announce_failure(f"{self.block_name}: {message}", self.on_failure)
