@@ -119,6 +119,11 @@ def test_wrong_input_shape_is_refused_with_the_expected_shape(name):
         model(torch.rand(2, 3, 32, 32))
     with pytest.raises(ValueError, match=r"got \[2, 784\]"):
         model(torch.rand(2, 784))
+    # the models' other entry points that take raw inputs check them the same way
+    for method in ("tune_alpha", "certificate"):
+        if hasattr(model, method):
+            with pytest.raises(ValueError, match=r"expected inputs of shape \[B, 1, 28, 28\]"):
+                getattr(model, method)(torch.rand(2, 3, 32, 32))
 
 
 @pytest.mark.parametrize(

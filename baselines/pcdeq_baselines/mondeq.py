@@ -75,7 +75,7 @@ class _MonDEQNet(ImplicitModel):
 
     def tune_alpha(self, x: torch.Tensor) -> float:
         """Re-tune the splitting step size on the batch ``x`` (see :meth:`MonDEQBlock.tune_alpha`)."""
-        return self.block.tune_alpha(x)
+        return self.block.tune_alpha(self._check(x))
 
 
 class MonDEQFcNet(_MonDEQNet):

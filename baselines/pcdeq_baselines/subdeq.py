@@ -64,6 +64,8 @@ class _SubDEQNet(ImplicitModel):
 
     def certificate(self, x: torch.Tensor | None = None) -> SubhomogeneityCertificate:
         """The block's :meth:`SubDEQBlock.certificate` (``x``: raw model inputs)."""
+        if x is not None:
+            check_input_shape(x, self.input_shape, type(self).__name__)
         return self.block.certificate(x)
 
 
@@ -81,7 +83,7 @@ class SubDEQFcNet(_SubDEQNet):
         self.head = nn.Linear(width, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input_shape(x, self.input_shape, "SubDEQFcNet")
+        check_input_shape(x, self.input_shape, type(self).__name__)
         return self.head(self.norm(self.block(x)))
 
 
@@ -111,7 +113,7 @@ class SubDEQConvNet(_SubDEQNet):
         self.head = nn.Linear(channels * (h // pool) * (w // pool), num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input_shape(x, self.input_shape, "SubDEQConvNet")
+        check_input_shape(x, self.input_shape, type(self).__name__)
         return self.head(self.pool(self.norm(self.block(x))).flatten(1))
 
 
