@@ -229,30 +229,39 @@ class UnconstrainedDEQBlock(ImplicitBlock):
         self.deq = self._make_deq()
         self.deq.train(self.training)
 
-    def _fail(self, message: str) -> None:
-        announce_failure(f"{self.block_name}: {message}", self.on_failure)
+    def _record(self, phase: str, info: dict, iterations: int, start: float) -> SolveStats:
+        """The statistics of one TorchDEQ solve (``info`` is its statistics dict); a missed
+        tolerance is announced by the failure policy."""
+        forward = phase == "forward"
+        solver = self.solver if forward else self.backward_solver
+        tol = self.tol if forward else self.backward_tol
+        residual = info["rel_lowest"].detach().float()
+        converged = residual <= tol  # NaN counts as not converged
+        stats = SolveStats(
+            iterations=iterations,
+            residual=residual,
+            converged=converged,
+            seconds=time.perf_counter() - start,
+            unit="iter",
+            solver=solver,
+            max_iter=self.max_iter if forward else self.backward_max_iter,
+        )
+        if not bool(converged.all()):
+            announce_failure(
+                f"{self.block_name}: {phase} solve ({solver}) missed tol {tol:g} on "
+                f"{int((~converged).sum())} of {converged.numel()} samples after {iterations} "
+                f"iterations (max residual {float(residual.max()):.3g})",
+                self.on_failure,
+                stacklevel=4,
+            )
+        return stats
 
     def _backward_writer(self, record: _Record) -> Callable[[dict], None]:
         def write(info: dict) -> None:
-            residual = info["rel_lowest"].detach().float()
-            converged = residual <= self.backward_tol  # NaN counts as not converged
             start = (
                 record.backward_start if record.backward_start is not None else time.perf_counter()
             )
-            record.stats.backward = SolveStats(
-                iterations=record.vjps,
-                residual=residual,
-                converged=converged,
-                seconds=time.perf_counter() - start,
-                unit="iter",
-                solver=self.backward_solver,
-                max_iter=self.backward_max_iter,
-            )
-            if not bool(converged.all()):
-                self._fail(
-                    f"backward solve ({self.backward_solver}) missed tol {self.backward_tol:g} on "
-                    f"{int((~converged).sum())} of {converged.numel()} samples after {record.vjps} iterations"
-                )
+            record.stats.backward = self._record("backward", info, record.vjps, start)
             record.vjps = 0  # a second backward through the same graph starts afresh
             record.backward_start = None
 
@@ -299,21 +308,5 @@ class UnconstrainedDEQBlock(ImplicitBlock):
             self.deq.train(self.training)
         # On that path TorchDEQ appends one differentiable step z = f(z*) after the solve.
         iterations = record.calls - (1 if graph_path else 0)
-        residual = info["rel_lowest"].detach().float()
-        converged = residual <= self.tol
-        stats.forward = SolveStats(
-            iterations=iterations,
-            residual=residual,
-            converged=converged,
-            seconds=time.perf_counter() - start,
-            unit="iter",
-            solver=self.solver,
-            max_iter=self.max_iter,
-        )
-        if not bool(converged.all()):
-            self._fail(
-                f"forward solve ({self.solver}) missed tol {self.tol:g} on "
-                f"{int((~converged).sum())} of {converged.numel()} samples after {iterations} "
-                f"iterations (max residual {float(residual.max()):.3g})"
-            )
+        stats.forward = self._record("forward", info, iterations, start)
         return z_out[-1]
