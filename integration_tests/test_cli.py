@@ -55,10 +55,12 @@ def test_console_script_list_train_and_errors(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_console_script_compare_on_a_slice(tmp_path: Path) -> None:
     """`compare` end to end: 2 models x 2 seeds, a few hundred images, table and plots; a
-    model whose worker crashes and an unregistered name are reported, the rest still runs."""
+    model whose worker crashes and an unregistered name are reported, the rest still runs
+    (two worker processes side by side)."""
     out = tmp_path / "cmp"
     done = _run("compare", "--plugin", "bench_tiny_models", "--models", "bench-crash,bench-tiny-deq,not-a-model",
-                "--seeds", "0,1", "--train-limit", "300", "--test-limit", "100", "--out", str(out))  # fmt: skip
+                "--seeds", "0,1", "--epochs", "2", "--train-limit", "300", "--test-limit", "100",
+                "--jobs", "2", "--out", str(out))  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert "| bench-tiny-deq |" in done.stdout and "not registered" in done.stdout
     report = json.loads((out / "compare.json").read_text())
@@ -71,3 +73,8 @@ def test_console_script_compare_on_a_slice(tmp_path: Path) -> None:
     assert rows["not-a-model"]["status"] == "not registered"
     for name in ("accuracy_per_epoch.png", "iterations_per_epoch.png", "accuracy_vs_params.png"):
         assert (out / name).stat().st_size > 1000
+    assert rows["bench-tiny-deq"]["epochs"] == 2 and rows["bench-tiny-deq"]["time_ratio"] == 1.0
+    assert report["meta"]["jobs"] == 2 and report["meta"]["reference"] == "bench-tiny-deq"
+    assert "Timed with 2 worker processes" in done.stdout
+    # the crashing worker's traceback is kept next to its runs
+    assert "always fails" in (out / "runs" / "bench-crash" / "worker.log").read_text()

@@ -75,17 +75,28 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--workers", type=int, help="DataLoader worker processes (default 0)")
     g = p.add_argument_group("optimisation (defaults: the model's presets, then AdamW as in pcDEQ)")
-    g.add_argument("--batch-size", dest="batch_size", type=int)
-    g.add_argument("--test-batch-size", dest="test_batch_size", type=int)
+    g.add_argument(
+        "--batch-size", dest="batch_size", type=int, help="training batch (per process under DDP)"
+    )
+    g.add_argument(
+        "--test-batch-size", dest="test_batch_size", type=int, help="default: --batch-size"
+    )
     g.add_argument("--optimizer", choices=("adamw", "adam", "sgd"))
-    g.add_argument("--lr", type=float)
+    g.add_argument("--lr", type=float, help="learning rate")
     g.add_argument("--weight-decay", dest="weight_decay", type=float)
     g.add_argument("--milestone", type=int, help="the one MultiStepLR milestone (0: none)")
     g.add_argument("--gamma", type=float, help="lr factor at the milestone (default 0.1)")
     g = p.add_argument_group("execution")
-    g.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"))
-    g.add_argument("--amp", choices=("off", "bf16", "fp16"))
-    g.add_argument("--deterministic", action="store_true", default=None)
+    g.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), help="default auto")
+    g.add_argument(
+        "--amp", choices=("off", "bf16", "fp16"), help="mixed precision (default off; fp16: CUDA)"
+    )
+    g.add_argument(
+        "--deterministic",
+        action="store_true",
+        default=None,
+        help="deterministic kernels (torch.use_deterministic_algorithms)",
+    )
     g.add_argument(
         "--plugin",
         dest="plugins",
@@ -94,7 +105,13 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         help="extra plugin module to load",
     )
     g.add_argument(
-        "--model-option", dest="model_options", action="append", type=_option, metavar="KEY=VALUE"
+        "--model-option",
+        dest="model_options",
+        action="append",
+        type=_option,
+        metavar="KEY=VALUE",
+        help="model factory override, repeatable; VALUE read as JSON when it parses "
+        "(width=32, activation=softsign)",
     )
 
 
@@ -112,29 +129,39 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("list", help="registered models, activations, solvers, datasets and plugins")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--plugin", dest="plugins", action="append", metavar="MODULE")
+    p.add_argument(
+        "--plugin", dest="plugins", action="append", metavar="MODULE", help="extra plugin module"
+    )
 
     p = sub.add_parser("train", help="train one model")
     p.add_argument("--config", type=Path, help="JSON file of TrainConfig keys (flags override it)")
-    p.add_argument("--model")
+    p.add_argument("--model", help="registered model (pcdeq-bench list; default pcdeq-linear-1)")
     p.add_argument("--preset", help="model preset, e.g. small, mnist, cifar10")
     p.add_argument("--dataset", help="registered dataset (default mnist5k)")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--epochs", type=int, help="default: the model's recipe, else 10")
+    p.add_argument("--seed", type=int, help="default 0")
     p.add_argument("--out", dest="out_dir", help="run directory (checkpoints, metrics)")
     p.add_argument("--resume", action="store_true", default=None, help="continue OUT/last.pt")
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    p.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        default=None,
+        help="no tqdm bars (default: bars only on a terminal)",
+    )
     _add_run_options(p)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint on a dataset")
-    p.add_argument("checkpoint", type=Path)
+    p.add_argument("checkpoint", type=Path, help="a last.pt or best.pt written by train")
     p.add_argument("--dataset", help="default: the dataset it was trained on")
-    p.add_argument("--data-dir", dest="data_dir")
-    p.add_argument("--download", action="store_true")
+    p.add_argument("--data-dir", dest="data_dir", help="default: the one it was trained with")
+    p.add_argument("--download", action="store_true", help="download a missing dataset")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
-    p.add_argument("--batch-size", dest="batch_size", type=int, default=256)
-    p.add_argument("--test-limit", dest="test_limit", type=int)
-    p.add_argument("--plugin", dest="plugins", action="append", metavar="MODULE")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=256, help="default 256")
+    p.add_argument("--test-limit", dest="test_limit", type=int, help="score N test images only")
+    p.add_argument(
+        "--plugin", dest="plugins", action="append", metavar="MODULE", help="extra plugin module"
+    )
 
     p = sub.add_parser(
         "compare",
@@ -148,15 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--models", type=_csv, help="comma-separated model names (default: the README's six)"
     )
     p.add_argument("--seeds", type=_int_list, help="comma-separated seeds (default 0,1,2)")
-    p.add_argument("--dataset", default="mnist5k", help="registered dataset (default mnist5k)")
+    p.add_argument("--dataset", help="registered dataset (default mnist5k)")
     p.add_argument(
         "--preset",
-        default="small",
         help="model preset used where a model has it (default small; 'none': factory defaults)",
     )
-    p.add_argument(
-        "--epochs", type=int, default=DEFAULT_EPOCHS, help=f"per run (default {DEFAULT_EPOCHS})"
-    )
+    p.add_argument("--epochs", type=int, help=f"per run (default {DEFAULT_EPOCHS})")
     p.add_argument(
         "--out",
         dest="out_dir",
@@ -166,7 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--resume",
         action="store_true",
-        help="reuse finished runs in --out, resume interrupted ones, retry failed ones",
+        help="continue the comparison in --out: options not given are the ones it was started "
+        "with (models and seeds too); finished runs are reused, interrupted ones resumed, "
+        "failed ones retried; --epochs may extend the runs",
     )
     p.add_argument(
         "--jobs",
@@ -335,16 +361,26 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from .compare import compare
+    from .compare import DEFAULT_EPOCHS, compare
+    from .report import PLAN
 
-    options = _given(args, _RUN_KEYS)
+    plan: dict[str, Any] = {}
+    plan_path = Path(args.out_dir) / PLAN
+    if args.resume and plan_path.is_file():
+        try:
+            plan = json.loads(plan_path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise _UsageError(f"cannot resume: {plan_path} is unreadable ({exc})") from exc
+    # on --resume, what is not given comes from the comparison being continued
+    options = {**plan.get("train_options", {}), **_given(args, _RUN_KEYS)}
+    preset = args.preset if args.preset is not None else plan.get("preset", "small")
     report = compare(
         args.models,
         args.seeds,
         out_dir=args.out_dir,
-        dataset=args.dataset,
-        preset=None if args.preset == "none" else args.preset,
-        epochs=args.epochs,
+        dataset=args.dataset or plan.get("dataset", "mnist5k"),
+        preset=None if preset == "none" else preset,
+        epochs=args.epochs if args.epochs is not None else plan.get("epochs", DEFAULT_EPOCHS),
         isolate=not args.in_process,
         jobs=args.jobs,
         reference=args.reference,
@@ -402,13 +438,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"pcdeq-bench {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        hint = ""
-        if args.command in ("train", "compare") and getattr(args, "out_dir", None):
-            hint = f"; continue with: pcdeq-bench {args.command} --out {args.out_dir} --resume"
-        print(
-            f"pcdeq-bench {args.command}: interrupted, checkpoint and metrics so far kept{hint}",
-            file=sys.stderr,
-        )
+        out = getattr(args, "out_dir", None)
+        if args.command in ("train", "compare") and out:
+            table = (
+                f"; table so far in {Path(out) / 'compare.md'}" if args.command == "compare" else ""
+            )
+            message = (
+                f"interrupted, checkpoint and metrics so far kept{table}; continue with: "
+                f"pcdeq-bench {args.command} --out {out} --resume"
+            )
+        elif args.command == "train":
+            message = "interrupted (no --out, so nothing was saved)"
+        else:
+            message = "interrupted"
+        print(f"pcdeq-bench {args.command}: {message}", file=sys.stderr)
         return 130
     except Exception as exc:
         print(f"pcdeq-bench {args.command}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)

@@ -11,6 +11,7 @@ A worker's stderr (warnings, tracebacks) is kept in ``runs/<model>/worker.log``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -22,7 +23,7 @@ from typing import Any
 
 from pcdeq_plugin.registry import MODELS
 
-from .config import COMPARE_EPOCHS, ConfigError, TrainConfig
+from .config import COMPARE_EPOCHS, RESUMABLE_OVERRIDES, ConfigError, TrainConfig
 from .datasets import dataset_info, ensure_registered
 from .metrics import write_json
 from .report import PLAN, write_report
@@ -168,6 +169,66 @@ def _check_preset(preset: str | None, models: list[str], info: dict[str, Any]) -
     )
 
 
+def _earlier_plan(out: Path) -> dict[str, Any]:
+    """The plan of the comparison already in ``out`` (``{}`` when there is none)."""
+    path = out / PLAN
+    if not path.is_file():
+        return {}
+    try:
+        plan = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(
+            f"cannot resume: {path} is unreadable ({exc}); restore it or choose another --out"
+        ) from exc
+    if not isinstance(plan, dict):
+        raise ConfigError(f"cannot resume: {path} is not a pcdeq-bench compare plan")
+    return plan
+
+
+def _check_same_experiment(
+    out: Path,
+    earlier: dict[str, Any],
+    dataset: str,
+    preset: str | None,
+    epochs: int,
+    train_options: dict[str, Any],
+) -> None:
+    """``--resume`` continues the same experiment: it may add models or seeds, extend the
+    epochs and change where/how runs execute, but not what a run is."""
+
+    def experiment(options: dict[str, Any]) -> dict[str, Any]:
+        kept = {k: v for k, v in options.items() if k not in RESUMABLE_OVERRIDES}
+        return json.loads(json.dumps(kept, default=str))  # tuples and lists compare equal
+
+    changes = [
+        f"{key}: {before!r} there, {now!r} given"
+        for key, before, now in (
+            ("dataset", earlier.get("dataset"), dataset),
+            ("preset", earlier.get("preset"), preset),
+        )
+        if before != now
+    ]
+    before, now = experiment(earlier.get("train_options") or {}), experiment(train_options)
+
+    def shown(options: dict[str, Any], key: str) -> str:
+        return repr(options[key]) if key in options else "default"
+
+    changes += [
+        f"{key}: {shown(before, key)} there, {shown(now, key)} given"
+        for key in sorted(set(before) | set(now))
+        if before.get(key) != now.get(key)
+    ]
+    if int(earlier.get("epochs") or 0) > epochs:
+        changes.append(f"epochs: {earlier['epochs']} there, {epochs} given (runs can only grow)")
+    if changes:
+        raise ConfigError(
+            f"cannot resume {out}: it holds another experiment ({'; '.join(changes)}). "
+            "--resume may add models or seeds, extend --epochs, or change "
+            f"{', '.join(sorted(RESUMABLE_OVERRIDES - {'out_dir', 'resume'}))}; "
+            "choose another --out for a new experiment (nothing was changed)"
+        )
+
+
 def compare(
     models: list[str] | None = None,
     seeds: list[int] | None = None,
@@ -198,7 +259,9 @@ def compare(
         jobs: Model processes running at once (needs ``isolate``). More than one ends
             sooner, but then the seconds per epoch include competing for the cores.
         reference: Model the ratio columns divide by (default: the first pcDEQ model).
-        resume: Reuse finished runs in ``out_dir`` and resume interrupted ones.
+        resume: Continue the comparison in ``out_dir`` (its models and seeds unless given):
+            finished runs reused, interrupted ones resumed, failed ones retried; ``epochs``
+            may grow. The dataset, preset and run options must be the same.
         plots: Write the PNG plots.
         log: Progress messages go here (``None`` for silence).
         **train_options: Further :class:`TrainConfig` keys for every run (``train_limit``,
@@ -213,8 +276,13 @@ def compare(
         UnknownNameError: unknown dataset.
     """
     ensure_registered()
-    models = list(DEFAULT_MODELS if models is None else models)
-    seeds = list(DEFAULT_SEEDS if seeds is None else seeds)
+    out = Path(out_dir)
+    earlier = _earlier_plan(out) if resume else {}
+    # resuming without naming models or seeds continues the comparison that is there
+    models = list(models if models is not None else earlier.get("models", DEFAULT_MODELS))
+    seeds = list(seeds if seeds is not None else earlier.get("seeds", DEFAULT_SEEDS))
+    if reference is None and earlier.get("reference") in models:
+        reference = earlier["reference"]
     if not models:
         raise ConfigError("compare needs at least one model")
     if not seeds:
@@ -246,8 +314,9 @@ def compare(
     info = {model: _model_info(model, preset) for model in models}
     _check_preset(preset, models, info)
     say = log or (lambda *_: None)
+    if earlier:
+        _check_same_experiment(out, earlier, dataset, preset, epochs, train_options)
 
-    out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
         (out / ".write-probe").write_bytes(b"")
@@ -284,7 +353,7 @@ def compare(
         pending = [
             config
             for seed in seeds
-            if (config := _plan_run(out, model, seed, info[model], resume, say)) is not None
+            if (config := _plan_run(out, model, seed, info[model], epochs, resume, say)) is not None
         ]
         if pending:
             tasks.append((model, out / "runs" / model, pending))
@@ -302,23 +371,32 @@ def compare(
     for _model, _, pending in tasks:
         for config in pending:
             config.update(train_options, dataset=dataset, epochs=epochs, progress=False)
-    if isolate:
+    try:
+        if isolate:
 
-        def done(worker: _Worker) -> None:
-            finished(worker.model, worker.configs, worker.error())
-            seconds = time.perf_counter() - worker.started
-            say(f"[compare] {worker.model}: {len(worker.configs)} run(s) in {seconds:.1f}s")
+            def done(worker: _Worker) -> None:
+                finished(worker.model, worker.configs, worker.error())
+                seconds = time.perf_counter() - worker.started
+                say(f"[compare] {worker.model}: {len(worker.configs)} run(s) in {seconds:.1f}s")
 
-        if jobs > 1:
-            say(f"[compare] {len(tasks)} model(s), {jobs} at a time")
-        _run_workers(tasks, jobs, done)
-    else:
-        for model, _, pending in tasks:
-            tick = time.perf_counter()
-            for config in pending:
-                _run_one(config)
-            finished(model, pending, None)
-            say(f"[compare] {model}: {len(pending)} run(s) in {time.perf_counter() - tick:.1f}s")
+            if jobs > 1:
+                say(f"[compare] {len(tasks)} model(s), {jobs} at a time")
+            _run_workers(tasks, jobs, done)
+        else:
+            for model, _, pending in tasks:
+                tick = time.perf_counter()
+                for config in pending:
+                    _run_one(config)
+                finished(model, pending, None)
+                seconds = time.perf_counter() - tick
+                say(f"[compare] {model}: {len(pending)} run(s) in {seconds:.1f}s")
+    except KeyboardInterrupt:
+        # the table of what finished so far; --resume completes (and re-renders) it
+        plan["interrupted"] = True
+        write_json(out / PLAN, plan)
+        with contextlib.suppress(Exception):
+            write_report(out, plots=False)
+        raise
     plan["wall_seconds"] = time.perf_counter() - started
     write_json(out / PLAN, plan)
     report = write_report(out, plots=plots)
@@ -330,23 +408,27 @@ def compare(
 
 
 def _plan_run(
-    out: Path, model: str, seed: int, info: dict[str, Any], resume: bool, say: Any
+    out: Path, model: str, seed: int, info: dict[str, Any], epochs: int, resume: bool, say: Any
 ) -> dict[str, Any] | None:
     """The config of one (model, seed) run, or ``None`` when ``resume`` reuses a finished one."""
     run_dir = out / "runs" / model / f"seed{seed}"
     summary_path = run_dir / "summary.json"
     if resume and summary_path.is_file():
         try:
-            finished = json.loads(summary_path.read_text()).get("status") == "ok"
+            summary = json.loads(summary_path.read_text())
+            finished = summary.get("status") == "ok" and summary.get("epochs_completed") == epochs
         except (OSError, json.JSONDecodeError, AttributeError):
-            finished = False
+            finished = False  # an extended run (more --epochs) continues from its last.pt
         if finished:
             say(f"[compare] {model} seed {seed}: finished earlier, reused")
             return None
     attempted = run_dir.is_dir() and any(run_dir.iterdir())
     if resume and attempted and not (run_dir / "last.pt").is_file():
         # a failed earlier attempt: keep it for inspection, start this seed afresh
-        run_dir.rename(run_dir.with_name(f"seed{seed}.failed-{int(time.time())}"))
+        stamp = int(time.time())
+        while run_dir.with_name(f"seed{seed}.failed-{stamp}").exists():
+            stamp += 1  # two retries within one second
+        run_dir.rename(run_dir.with_name(f"seed{seed}.failed-{stamp}"))
     run_dir.mkdir(parents=True, exist_ok=True)
     return {
         "model": model,

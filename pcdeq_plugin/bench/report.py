@@ -305,6 +305,11 @@ def render_markdown(rows: list[dict[str, Any]], meta: dict[str, Any] | None = No
         "ODEs), averaged over a model's implicit blocks and over training batches; "
         "failed solves count samples that missed tolerance (forward + backward, train + test)."
     )
+    if meta.get("interrupted"):
+        intro.append(
+            "**Interrupted**: partial results (runs marked KeyboardInterrupt stopped early); "
+            "`pcdeq-bench compare ... --resume` with the same --out completes the table."
+        )
     reference = meta.get("reference")
     if reference:
         intro.append(
@@ -481,7 +486,7 @@ def write_report(
     rows = aggregate(runs, plan)
     chosen = pick_reference(rows, reference or plan.get("reference"))
     add_ratios(rows, chosen)
-    meta = {k: plan[k] for k in ("dataset", "epochs", "seeds", "jobs") if k in plan}
+    meta = {k: plan[k] for k in ("dataset", "epochs", "seeds", "jobs", "interrupted") if k in plan}
     meta["reference"] = chosen
     markdown = render_markdown(rows, meta)
     try:

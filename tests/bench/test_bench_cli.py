@@ -68,6 +68,18 @@ def test_train_from_a_json_config_file(tiny_plugin: str, tmp_path: Path, capsys)
         (["eval", "{tmp}/missing.pt"], "does not exist"),
         (["report", "{tmp}"], "no summary.json"),
         (["train", "--config", "{tmp}/absent.json"], "cannot read --config"),
+        (
+            ["train", "--model", "pcdeq-linear-1", "--preset", "nope"],
+            "no preset 'nope'; available:",
+        ),
+        (
+            ["compare", "--models", "pcdeq-linear-1", "--preset", "bogus", "--out", "{tmp}/c"],
+            "has a preset 'bogus'; their presets: mnist, small",
+        ),
+        (["compare", "--dataset", "nope", "--out", "{tmp}/c"], "unknown dataset 'nope'"),
+        (["compare", "--reference", "node-x", "--out", "{tmp}/c"], "choose one of pcdeq-linear-1"),
+        (["compare", "--jobs", "2", "--in-process", "--out", "{tmp}/c"], "drop --in-process"),
+        (["report", "{tmp}/absent"], "does not exist"),
     ],
 )
 def test_bad_input_exits_2_with_a_clear_message(
@@ -120,3 +132,44 @@ def test_list_names_a_broken_plugin_and_its_error(
     text = capsys.readouterr().out
     assert "bench_broken_plugin: failed" in text
     assert "error: pcdeq_register_models() raised RuntimeError: cannot build my models" in text
+
+
+def test_report_reference_and_a_broken_plan(tiny_plugin: str, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    assert main(_train_args(tiny_plugin, out)) == 0
+    capsys.readouterr()
+    assert main(["report", str(out), "--no-plots", "--reference", "bench-tiny-deq"]) == 0
+    assert "| 1/1 | 1.00x | 1.00x |" in capsys.readouterr().out
+    assert main(["report", str(out), "--no-plots", "--reference", "nope"]) == 2
+    assert "reference model 'nope' is not in this comparison" in capsys.readouterr().err
+    (out / "compare_plan.json").write_text("{")
+    assert main(["report", str(out), "--no-plots"]) == 2
+    assert "compare_plan.json is unreadable" in capsys.readouterr().err
+
+
+def test_help_texts_name_the_defaults(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["compare", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for phrase in ("--jobs", "--reference", "default 3", "default 0,1,2", "default small",
+                   "pcDEQ-1, pcDEQ-2, monDEQ, NODE, ANODE"):  # fmt: skip
+        assert phrase in text, phrase
+
+
+def test_compare_resume_needs_only_out(tiny_plugin: str, tmp_path: Path, capsys) -> None:
+    """The resume hint printed on Ctrl-C is `compare --out X --resume`: what is not given
+    comes from the comparison in X (models, seeds, options)."""
+    out = tmp_path / "cmp"
+    first = ["compare", "--in-process", "--no-plots", "--plugin", tiny_plugin, "--models",
+             "bench-tiny-deq", "--seeds", "3", "--epochs", "1", "--train-limit", "64",
+             "--test-limit", "32", "--batch-size", "32", "--device", "cpu", "--out", str(out)]  # fmt: skip
+    assert main(first) == 0
+    capsys.readouterr()
+    again = ["compare", "--in-process", "--no-plots", "--out", str(out), "--resume"]
+    assert main([*again, "--epochs", "2"]) == 0
+    (row,) = json.loads((out / "compare.json").read_text())["rows"]
+    assert row["seeds"] == [3] and row["epochs"] == 2 and row["model"] == "bench-tiny-deq"
+    config = json.loads((out / "runs" / "bench-tiny-deq" / "seed3" / "config.json").read_text())
+    assert config["train_limit"] == 64 and config["batch_size"] == 32
+    assert main([*again, "--lr", "0.5"]) == 2
+    assert "lr: default there, 0.5 given" in capsys.readouterr().err
