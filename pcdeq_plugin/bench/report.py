@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import atomic_write_bytes
+from .config import ConfigError, TrainConfig
 from .metrics import write_json
 
 __all__ = [
@@ -104,12 +105,16 @@ def _training_of(config: dict[str, Any] | None) -> str | None:
     """The optimisation recipe a run used, in one short phrase."""
     if not config:
         return None
-    milestone = config.get("milestone")
     text = (
         f"{config.get('optimizer')} lr {config.get('lr'):g} wd {config.get('weight_decay'):g} "
         f"batch {config.get('batch_size')}"
     )
-    return text + (f" milestone {milestone}" if milestone else "")
+    try:  # the milestone the run used (None in the config: 3/4 of the epochs)
+        milestone = TrainConfig.from_dict(config).effective_milestone
+    except (ConfigError, TypeError):
+        milestone = config.get("milestone")
+    gamma = config.get("gamma", 0.1)
+    return text + (f", lr x{gamma:g} after epoch {milestone}" if milestone else "")
 
 
 def aggregate(
