@@ -24,7 +24,7 @@ from typing import Any
 from pcdeq_plugin.registry import MODELS
 
 from .config import COMPARE_EPOCHS, RESUMABLE_OVERRIDES, ConfigError, TrainConfig
-from .datasets import dataset_info, ensure_registered
+from .datasets import SPLITS, dataset_info, ensure_registered, load_dataset
 from .metrics import write_json
 from .report import PLAN, write_report
 from .train import load_plugins_from_config, run
@@ -274,6 +274,7 @@ def compare(
         ConfigError: bad options, unwritable ``out_dir``, or ``out_dir`` already holds a
             comparison and ``resume`` is false (nothing is overwritten).
         UnknownNameError: unknown dataset.
+        DatasetNotFoundError: the dataset is not on disk and ``download`` is not set.
     """
     ensure_registered()
     out = Path(out_dir)
@@ -311,6 +312,11 @@ def compare(
     TrainConfig.check_keys(train_options)
     load_plugins_from_config(list(train_options.get("plugins", [])))
     dataset_info(dataset)  # unknown dataset -> UnknownNameError listing them, before any work
+    # Open both splits once here: missing files fail now with one clear error instead of
+    # once per run, and a --download happens once, not in several workers at the same time.
+    data = {k: train_options[k] for k in ("data_dir", "download", "augment") if k in train_options}
+    for split in SPLITS:
+        load_dataset(dataset, split, **data)
     info = {model: _model_info(model, preset) for model in models}
     _check_preset(preset, models, info)
     say = log or (lambda *_: None)

@@ -11,6 +11,7 @@ import pytest
 from pcdeq_plugin import UnknownNameError
 from pcdeq_plugin.bench import compare, write_report
 from pcdeq_plugin.bench.config import ConfigError
+from pcdeq_plugin.bench.datasets import DatasetNotFoundError
 from pcdeq_plugin.bench.report import (
     add_ratios,
     aggregate,
@@ -202,6 +203,8 @@ def test_plots_with_one_epoch_and_with_several(tmp_path: Path) -> None:
         ({"reference": "x"}, ConfigError, "'x' is not compared; choose one of bench-tiny-deq"),
         ({"seeds": [0, 0]}, ConfigError, "seed(s) 0 listed twice"),
         ({"epochs": 0}, ConfigError, "epochs must be an integer >= 1"),
+        ({"dataset": "svhn", "data_dir": "{tmp}"}, DatasetNotFoundError, "pass --download"),
+        ({"augment": True}, ConfigError, "has no training augmentation"),
     ],
 )
 def test_compare_refuses_bad_options_before_writing(
@@ -209,6 +212,8 @@ def test_compare_refuses_bad_options_before_writing(
 ) -> None:
     out = tmp_path / "cmp"
     options = {"seeds": [0], **kwargs}
+    if options.get("data_dir") == "{tmp}":
+        options["data_dir"] = str(tmp_path / "data")
     with pytest.raises(error, match=re.escape(message)):
         compare(["bench-tiny-deq"], out_dir=out, log=None, plugins=[tiny_plugin], **options)
     assert not out.exists()
