@@ -186,6 +186,10 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     rule = "|" + "|".join("---" for _ in COLUMNS) + "|"
     lines = [header, rule]
     for row in rows:
+        if "error" in row:  # the model could not be measured: say why in the row
+            cells = [row["model"], row["solver"], row["error"]] + [""] * (len(COLUMNS) - 3)
+            lines.append("| " + " | ".join(cells) + " |")
+            continue
         lines.append("| " + " | ".join(fmt.format(row[key]) for key, _, fmt in COLUMNS) + " |")
     return "\n".join(lines)
 
@@ -226,8 +230,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     rows = []
     for name in args.models:
         for solver in args.solvers:
-            rows.append(
-                bench_model(
+            try:
+                row = bench_model(
                     name,
                     solver,
                     batch=args.batch,
@@ -235,7 +239,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                     device=device,
                     seed=args.seed,
                 )
-            )
+            except TypeError as exc:  # e.g. a model family without a `solver` option (node)
+                row = {"model": name, "solver": solver, "error": f"error: {exc}"}
+            rows.append(row)
     print(f"# pcDEQ solver benchmark (batch {args.batch}, median of {args.repeats} runs)")
     print(machine_description(device))
     print()

@@ -54,6 +54,28 @@ def test_bench_pcdeq_rejects_unknown_names(capsys):
     assert "unknown solver(s) ['broyden']" in capsys.readouterr().err
 
 
+def test_bench_pcdeq_reports_a_model_without_solver_option_in_its_row(capsys, monkeypatch):
+    bench = load_script("bench_pcdeq")
+
+    def refuse(name, solver, **kwargs):
+        raise TypeError(f"{name}: unknown option(s) ['solver']; valid options: hidden")
+
+    monkeypatch.setattr(bench, "bench_model", refuse)
+    rows = bench.main(
+        ["--repeats", "1", "--batch", "2", "--models", "node", "--solvers", "anderson"]
+    )
+    assert rows == [
+        {
+            "model": "node",
+            "solver": "anderson",
+            "error": "error: node: unknown option(s) ['solver']; valid options: hidden",
+        }
+    ]
+    assert (
+        "| node | anderson | error: node: unknown option(s) ['solver']" in capsys.readouterr().out
+    )
+
+
 def test_bench_families_in_process_rows_and_ratios(capsys):
     bench = load_script("bench_families")
     rows = bench.main(
