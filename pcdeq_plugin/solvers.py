@@ -85,7 +85,8 @@ def _check_call_args(z0: torch.Tensor, tol: float, max_iter: int, check_every: i
         raise ValueError(f"z0 must have a non-empty batch dimension, got shape {tuple(z0.shape)}")
     if not z0.is_floating_point():
         raise TypeError(f"z0 must be a floating-point tensor, got dtype {z0.dtype}")
-    if not (isinstance(tol, (int, float)) and tol > 0 and math.isfinite(tol)):
+    tol_is_number = isinstance(tol, (int, float)) and not isinstance(tol, bool)
+    if not (tol_is_number and tol > 0 and math.isfinite(tol)):
         raise ValueError(f"tol must be a positive finite number, got {tol!r}")
     if isinstance(max_iter, bool) or not (isinstance(max_iter, int) and max_iter >= 1):
         raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")

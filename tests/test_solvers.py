@@ -287,7 +287,9 @@ def test_non_finite_map_output_stops_at_the_first_check(float64, solver_name, ba
     [
         ({"tol": 0.0}, "tol must be"),
         ({"tol": math.nan}, "tol must be"),
+        ({"tol": True}, "tol must be a positive finite number, got True"),
         ({"max_iter": 0}, "max_iter must be"),
+        ({"max_iter": True}, "max_iter must be an integer >= 1, got True"),
         ({"max_iter": 2.5}, "max_iter must be"),
         ({"check_every": 0}, "check_every must be"),
     ],
