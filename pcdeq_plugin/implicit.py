@@ -38,7 +38,14 @@ from collections.abc import Callable
 
 import torch
 
-from .interface import BlockStats, ConvergenceError, ConvergenceWarning, SolverConfig, SolveStats
+from .interface import (
+    FAILURE_POLICIES,
+    BlockStats,
+    ConvergenceError,
+    ConvergenceWarning,
+    SolverConfig,
+    SolveStats,
+)
 from .registry import FixedPointSolver, UnknownNameError, get_solver
 
 __all__ = ["enforce_failure_policy", "make_solvers", "solve_implicit"]
@@ -73,8 +80,10 @@ def enforce_failure_policy(
         ConvergenceError: some samples failed and ``on_failure == "raise"``.
         ValueError: unknown policy.
     """
-    if on_failure not in ("ignore", "warn", "raise"):
-        raise ValueError(f"unknown on_failure {on_failure!r}; choose one of ignore, warn, raise")
+    if on_failure not in FAILURE_POLICIES:
+        raise ValueError(
+            f"unknown on_failure {on_failure!r}; choose one of {', '.join(FAILURE_POLICIES)}"
+        )
     if on_failure == "ignore":
         return  # not even a host synchronisation
     failed = stats.num_failed
