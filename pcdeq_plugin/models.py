@@ -219,19 +219,19 @@ def _default_width(arch: str, input_shape: tuple[int, int, int]) -> Any:
     return _WIDTHS[dataset][arch]
 
 
+def _is_width(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 def _check_widths(arch: str, value: Any) -> Any:
     if arch == "multi-conv":
-        ok = (
-            isinstance(value, Sequence)
-            and len(value) == 3
-            and all(isinstance(w, int) and w >= 1 for w in value)
-        )
+        ok = isinstance(value, Sequence) and len(value) == 3 and all(_is_width(w) for w in value)
         if not ok:
             raise ValueError(f"widths must be three integers >= 1, got {value!r}")
         return tuple(value)
     if isinstance(value, Sequence) and len(value) == 1:
         value = value[0]
-    if not (isinstance(value, int) and value >= 1):
+    if not _is_width(value):
         raise ValueError(f"width must be an integer >= 1, got {value!r}")
     return value
 

@@ -145,6 +145,10 @@ def test_bad_overrides_and_inputs() -> None:
         P.build_model("pcdeq-multi-conv-1", MNIST, 10, width=3)
     with pytest.raises(ValueError, match="three integers"):
         P.build_model("pcdeq-multi-conv-1", MNIST, 10, widths=(3, 4))
+    with pytest.raises(ValueError, match="three integers"):
+        P.build_model("pcdeq-multi-conv-1", MNIST, 10, widths=(True, 4, 4))
+    with pytest.raises(ValueError, match="width must be an integer >= 1, got 8.0"):
+        P.build_model("pcdeq-single-conv-1", MNIST, 10, width=8.0)
     with pytest.raises(ValueError, match="use variant 1"):
         P.build_model("pcdeq-linear-2", MNIST, 10, activation="tanh")
     with pytest.raises(P.UnknownNameError, match="unknown activation 'nope'; available:"):
