@@ -117,6 +117,15 @@ def _training_of(config: dict[str, Any] | None) -> str | None:
     return text + (f", lr x{gamma:g} after epoch {milestone}" if milestone else "")
 
 
+def _status(ok: list[Any], errors: list[str], entries: list[dict[str, Any]]) -> str:
+    """ok (every run finished), partial (some did), interrupted (Ctrl-C, none finished yet)
+    or failed."""
+    if ok:
+        return "partial" if errors else "ok"
+    stopped = [r for r in entries if r.get("status") == "interrupted"]
+    return "interrupted" if stopped and len(stopped) == len(errors) else "failed"
+
+
 def aggregate(
     runs: list[dict[str, Any]], plan: dict[str, Any] | None = None
 ) -> list[dict[str, Any]]:
@@ -158,7 +167,7 @@ def aggregate(
                 "model": model,
                 "family": first.get("family", info.get("family")),
                 "preset": first.get("preset", info.get("preset")),
-                "status": "ok" if ok and not errors else ("failed" if not ok else "partial"),
+                "status": _status(ok, errors, entries),
                 "runs": total,
                 "ok": len(ok),
                 "seeds": [r.get("seed") for r in ok],
@@ -252,7 +261,7 @@ def render_markdown(rows: list[dict[str, Any]], meta: dict[str, Any] | None = No
             notes.append(f"- `{row['model']}`: not registered ({row.get('error')})")
         else:
             acc = (
-                "failed"
+                ("interrupted" if row["status"] == "interrupted" else "failed")
                 if row["test_acc_mean"] is None
                 else (f"{100 * row['test_acc_mean']:.2f} ± {100 * row['test_acc_std']:.2f}")
             )

@@ -264,3 +264,10 @@ def test_ctrl_c_leaves_the_table_of_what_finished(
     table = (out / "compare.md").read_text()
     assert "**Interrupted**" in table and "| bench-tiny-deq |" in table
     assert json.loads((out / "compare.json").read_text())["rows"][0]["ok"] == 1
+    stopped = {"model": "m", "status": "interrupted", "seed": 0, "error": "KeyboardInterrupt"}
+    (row,) = aggregate([stopped])
+    assert row[
+        "status"
+    ] == "interrupted" and "| m | - | default | interrupted |" in render_markdown([row])
+    (row,) = aggregate([stopped, {**stopped, "seed": 1, "status": "failed", "error": "boom"}])
+    assert row["status"] == "failed"
