@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -74,11 +75,25 @@ def load_checkpoint(
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    with path.open("rb") as handle:
+        head = handle.read(4)
+    if not (head.startswith(b"PK") or head[:1] == b"\x80"):  # torch's zip, or a bare pickle
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or not a torch checkpoint at all (it starts with "
+            f"{head!r}; a pcdeq-bench checkpoint is the last.pt or best.pt of a run "
+            "directory); it was left untouched -- restore it or start a new run in another "
+            "directory"
+        )
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"checkpoint {path} holds objects other than plain data (not written by "
+            "pcdeq-bench), or is damaged; it was left untouched and was not loaded unsafely"
+        ) from exc
     except Exception as exc:
         raise CheckpointError(
-            f"checkpoint {path} is corrupt or not a plain-data torch checkpoint "
+            f"checkpoint {path} is corrupt "
             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
             "it was left untouched -- restore it or start a new run in another directory"
         ) from exc

@@ -315,3 +315,21 @@ def test_a_plugin_dataset_trains_through_the_same_loop(tiny_config: dict) -> Non
     summary = run({**config, "lr": 0.05, "out_dir": None})
     assert summary["dataset"] == "bench-blobs" and summary["params"] == 16 * 8 + 8 + 64 + 8 * 2 + 2
     assert summary["test_acc"] > 0.9  # separable blobs: the loop really learns
+
+
+def test_checkpoint_errors_say_what_the_file_is(tmp_path: Path) -> None:
+    text = tmp_path / "compare.json"
+    text.write_text("{}")
+    with pytest.raises(
+        CheckpointError, match=r"not a torch checkpoint at all \(it starts with b'\{\}'"
+    ):
+        load_checkpoint(text)
+    unsafe = tmp_path / "unsafe.pt"
+    torch.save({"format": "pcdeq-bench-checkpoint/1", "obj": Path("x")}, unsafe)
+    with pytest.raises(CheckpointError, match="objects other than plain data.*not loaded unsafely"):
+        load_checkpoint(unsafe)
+    assert "weights_only" not in str(pytest.raises(CheckpointError, load_checkpoint, unsafe).value)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(2)}, foreign)
+    with pytest.raises(CheckpointError, match="not a pcdeq-bench checkpoint"):
+        load_checkpoint(foreign)
