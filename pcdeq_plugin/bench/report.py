@@ -383,9 +383,12 @@ def _finish_axes(ax: Any, epochs: bool) -> None:
 def write_plots(
     out_dir: Path, runs: list[dict[str, Any]], rows: list[dict[str, Any]]
 ) -> list[Path]:
-    """Accuracy per epoch, iterations per epoch, accuracy vs parameters (PNG, Agg backend).
+    """Accuracy and iterations per epoch; final accuracy vs parameters and vs training time.
 
-    Each model keeps one colour and one marker across the three plots; legends sit outside
+    PNG files (Agg backend): ``accuracy_per_epoch``, ``iterations_per_epoch``,
+    ``accuracy_vs_params``, ``accuracy_vs_time``.
+
+    Each model keeps one colour and one marker across all plots; legends sit outside
     the axes (models of equal size never hide each other's labels); error bars are the std
     over seeds; accuracies are in %.
     """
@@ -441,26 +444,34 @@ def write_plots(
         _finish_axes(ax, epochs=True)
     save(fig, list(axes), "iterations_per_epoch.png")
 
-    # final accuracy vs parameters
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    # final accuracy vs parameters, and vs training time (the cost/accuracy trade-off)
     placed = [r for r in rows if r.get("test_acc_mean") is not None and r.get("params")]
-    same_size: dict[int, list[str]] = {}
-    for row in placed:
-        same_size.setdefault(row["params"], []).append(row["model"])
-    for row in placed:
-        model = row["model"]
-        # models of the same size sit side by side (a few % apart on the log axis), so
-        # their markers and error bars do not cover each other; the legend has the count
-        group = same_size[row["params"]]
-        shift = 1.03 ** (group.index(model) - (len(group) - 1) / 2)
-        ax.errorbar(row["params"] * shift, 100 * row["test_acc_mean"], yerr=100 * row["test_acc_std"],
-                    label=f"{model} ({row['params']:,})", color=colour[model],
-                    marker=marker[model], linestyle="none", **style)  # fmt: skip
-    ax.set_xscale("log")
-    ax.set_xlabel("parameters (log scale)")
-    ax.set_ylabel("final test accuracy % (mean ± std)")
-    _finish_axes(ax, epochs=False)
-    save(fig, [ax], "accuracy_vs_params.png")
+    for key, name, xlabel in (
+        ("params", "accuracy_vs_params.png", "parameters (log scale)"),
+        ("seconds_per_epoch_median", "accuracy_vs_time.png",
+         "train seconds per epoch, median (log scale)"),
+    ):  # fmt: skip
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        same_x: dict[Any, list[str]] = {}
+        points = [r for r in placed if r.get(key)]
+        for row in points:
+            same_x.setdefault(round(float(row[key]), 2), []).append(row["model"])
+        for row in points:
+            model = row["model"]
+            # models with the same x sit side by side (a few % apart on the log axis), so
+            # their markers and error bars do not cover each other
+            group = same_x[round(float(row[key]), 2)]
+            shift = 1.03 ** (group.index(model) - (len(group) - 1) / 2)
+            detail = f"{row['params']:,}" if key == "params" else f"{row[key]:.2g} s"
+            ax.errorbar(float(row[key]) * shift, 100 * row["test_acc_mean"],
+                        yerr=100 * row["test_acc_std"], label=f"{model} ({detail})",
+                        color=colour[model], marker=marker[model], linestyle="none",
+                        **style)  # fmt: skip
+        ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("final test accuracy % (mean ± std)")
+        _finish_axes(ax, epochs=False)
+        save(fig, [ax], name)
     return written
 
 

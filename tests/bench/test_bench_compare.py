@@ -189,6 +189,7 @@ def test_plots_with_one_epoch_and_with_several(tmp_path: Path) -> None:
         written = write_plots(out, runs, rows)
         assert [p.name for p in written] == [
             "accuracy_per_epoch.png", "iterations_per_epoch.png", "accuracy_vs_params.png",
+            "accuracy_vs_time.png",
         ]  # fmt: skip
         assert all(_png(p) for p in written)
 
