@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -173,3 +174,26 @@ def test_compare_resume_needs_only_out(tiny_plugin: str, tmp_path: Path, capsys)
     assert config["train_limit"] == 64 and config["batch_size"] == 32
     assert main([*again, "--lr", "0.5"]) == 2
     assert "lr: default there, 0.5 given" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "--model", "x"], "interrupted (no --out, so nothing was saved)"),
+        (["train", "--out", "R"], "checkpoint and metrics so far kept; continue with: "
+         "pcdeq-bench train --out R --resume"),
+        (["compare", "--out", "C"], "table so far in C/compare.md; continue with: "
+         "pcdeq-bench compare --out C --resume"),
+        (["report", "C"], "pcdeq-bench report: interrupted\n"),
+    ],
+)  # fmt: skip
+def test_ctrl_c_messages(monkeypatch, capsys, argv: list[str], message: str) -> None:
+    from pcdeq_plugin.bench import cli
+
+    def interrupted(args) -> int:
+        raise KeyboardInterrupt
+
+    for name in ("_cmd_train", "_cmd_compare", "_cmd_report"):
+        monkeypatch.setattr(cli, name, interrupted)
+    assert main(argv) == 130
+    assert message.replace("/", os.sep) in capsys.readouterr().err
