@@ -185,7 +185,11 @@ def solve_implicit(
     with _autocast_off(device_type):
         with torch.no_grad():
             result = forward_solver(
-                f, z0, tol=config.tol, max_iter=config.max_iter, check_every=config.check_every
+                f,
+                z0,
+                tol=config.tol,
+                max_iter=config.max_iter,
+                check_every=config.effective_check_every(z0.device),
             )
         if stats is not None:
             stats.forward = result.stats
@@ -223,7 +227,7 @@ def solve_implicit(
             grad,
             tol=config.effective_backward_tol,
             max_iter=config.effective_backward_max_iter,
-            check_every=config.check_every,
+            check_every=config.effective_check_every(grad.device),
         )
         if stats is not None:
             stats.backward = result_b.stats

@@ -96,3 +96,14 @@ def test_solve_stats_summary_and_block_stats() -> None:
         "batch": 2,
         "seconds": 0.5,
     }
+
+
+def test_check_every_default_depends_on_the_device():
+    from pcdeq_plugin.interface import ACCELERATOR_CHECK_EVERY
+
+    config = SolverConfig()
+    assert config.check_every is None
+    assert config.effective_check_every("cpu") == 1  # a check costs no sync on the CPU
+    assert config.effective_check_every(torch.device("cuda", 0)) == ACCELERATOR_CHECK_EVERY
+    assert config.effective_check_every("mps") == ACCELERATOR_CHECK_EVERY
+    assert SolverConfig(check_every=3).effective_check_every("cuda") == 3
