@@ -46,6 +46,9 @@ def train_loader(
         drop_last=False,
     )
     sampler.set_epoch(epoch)
+    # A final batch of one sample cannot be trained through BatchNorm (pcDEQ, the
+    # unconstrained DEQ and SubDEQ all use it): drop exactly that case, nothing else.
+    single_sample_tail = len(sampler) % config.batch_size == 1
     generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
     return DataLoader(
         dataset,
@@ -54,6 +57,7 @@ def train_loader(
         num_workers=config.workers,
         pin_memory=pin,
         generator=generator,
+        drop_last=single_sample_tail,
     )
 
 

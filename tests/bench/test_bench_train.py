@@ -333,3 +333,19 @@ def test_checkpoint_errors_say_what_the_file_is(tmp_path: Path) -> None:
     torch.save({"weights": torch.zeros(2)}, foreign)
     with pytest.raises(CheckpointError, match="not a pcdeq-bench checkpoint"):
         load_checkpoint(foreign)
+
+
+def test_a_single_sample_last_batch_is_dropped_so_batchnorm_models_train(tiny_config: dict) -> None:
+    # 65 images at batch 64 would end on a batch of one, which BatchNorm cannot train on.
+    config = {
+        **tiny_config,
+        "model": "pcdeq-linear-1",
+        "plugins": [],
+        "batch_size": 64,
+        "train_limit": 65,
+        "test_limit": 16,
+    }
+    summary = run(config)
+    assert summary["status"] == "ok"
+    rows = (Path(tiny_config["out_dir"]) / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 1
