@@ -121,3 +121,15 @@ def test_both_scripts_share_the_timing_helpers():
     assert timing.median_time(lambda: None, cpu, 3) >= 0
     line = timing.machine_description(cpu)
     assert line.startswith("machine: ") and "os.cpu_count()=" in line and "device cpu" in line
+
+
+def test_bench_slow_map_shows_both_solvers_converging(capsys):
+    bench = load_script("bench_slow_map")
+    bench.main(["--repeats", "1", "--width", "8", "--tol", "1e-6"])
+    out = capsys.readouterr().out
+    rows = [
+        line
+        for line in out.splitlines()
+        if line.startswith("| fixed_point") or line.startswith("| anderson")
+    ]
+    assert len(rows) == 2 and all("| True |" in row for row in rows)
