@@ -15,8 +15,21 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
-__all__ = ["machine_description", "median_time", "synchronize", "timed"]
+__all__ = [
+    "INPUT_SHAPE",
+    "NUM_CLASSES",
+    "machine_description",
+    "median_time",
+    "mnist_workload",
+    "synchronize",
+    "timed",
+]
+
+#: the benchmarks measure MNIST-sized classifiers
+INPUT_SHAPE = (1, 28, 28)
+NUM_CLASSES = 10
 
 
 def synchronize(device: torch.device) -> None:
@@ -49,3 +62,25 @@ def machine_description(device: torch.device) -> str:
         f"torch threads {torch.get_num_threads()}, device {device}, "
         f"python {platform.python_version()}"
     )
+
+
+def mnist_workload(
+    model: torch.nn.Module, batch: int, device: torch.device
+) -> tuple[torch.Tensor, Callable[[], None], Callable[[], None]]:
+    """``(x, forward, forward_backward)``: one random nonnegative MNIST-sized batch and closures.
+
+    ``forward`` runs without a graph (what evaluation costs); ``forward_backward`` is one
+    training step's worth of work (cross-entropy loss and its backward, no optimizer step).
+    """
+    x = torch.rand(batch, *INPUT_SHAPE, device=device)  # nonnegative images
+    y = torch.randint(0, NUM_CLASSES, (batch,), device=device)
+
+    def forward() -> None:
+        with torch.no_grad():
+            model(x)
+
+    def forward_backward() -> None:
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+
+    return x, forward, forward_backward

@@ -31,14 +31,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from pcdeq_plugin import build_model, list_models
 from pcdeq_plugin.registry import MODELS
 
 if str(Path(__file__).resolve().parent) not in sys.path:  # loaded by path (tests)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import machine_description, timed  # noqa: E402
+from _timing import (  # noqa: E402
+    INPUT_SHAPE,
+    NUM_CLASSES,
+    machine_description,
+    mnist_workload,
+    timed,
+)
 
 #: the model that represents each family, in table order (pcDEQ first: the reference)
 PREFERRED: dict[str, str] = {
@@ -49,8 +54,6 @@ PREFERRED: dict[str, str] = {
     "anode": "anode",
     "subdeq": "subdeq-conv",
 }
-INPUT_SHAPE = (1, 28, 28)
-NUM_CLASSES = 10
 _RESULT_MARK = "BENCH_FAMILIES_RESULT "
 
 
@@ -103,22 +106,13 @@ def measure(
     model = build_model(name, INPUT_SHAPE, NUM_CLASSES, preset=use_preset)
     if device.type != "cpu":  # models are built on the CPU; move only when needed
         model = model.to(device)
-    x = torch.rand(batch, *INPUT_SHAPE, device=device)  # nonnegative images
-    y = torch.randint(0, NUM_CLASSES, (batch,), device=device)
+    x, forward, forward_backward = mnist_workload(model, batch, device)
     params = sum(p.numel() for p in model.parameters())
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.max_memory_allocated(device)
     else:
         base = _rss_bytes() if track_memory else None
-
-    def forward() -> None:
-        with torch.no_grad():
-            model(x)
-
-    def forward_backward() -> None:
-        model.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
 
     model.eval()
     forward()  # warm-up

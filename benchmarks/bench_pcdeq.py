@@ -28,13 +28,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from pcdeq_plugin import ImplicitModel, build_model, list_models, list_solvers
 
 if str(Path(__file__).resolve().parent) not in sys.path:  # loaded by path (tests)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import machine_description, median_time, timed  # noqa: E402
+from _timing import (  # noqa: E402
+    INPUT_SHAPE,
+    NUM_CLASSES,
+    machine_description,
+    median_time,
+    mnist_workload,
+    timed,
+)
 
 PCDEQ_MODELS: tuple[str, ...] = (
     "pcdeq-linear-1",
@@ -45,8 +51,6 @@ PCDEQ_MODELS: tuple[str, ...] = (
     "pcdeq-multi-conv-2",
 )
 SOLVERS: tuple[str, ...] = ("fixed_point", "anderson")
-INPUT_SHAPE = (1, 28, 28)
-NUM_CLASSES = 10
 
 
 def _capture_block_io(model: ImplicitModel, x: torch.Tensor) -> list[tuple[Any, Any, Any]]:
@@ -108,16 +112,7 @@ def bench_model(
     model = build_model(name, INPUT_SHAPE, NUM_CLASSES, solver=solver, on_failure="ignore")
     if device.type != "cpu":  # models are built on the CPU; move only when needed
         model.to(device)
-    x = torch.rand(batch, *INPUT_SHAPE, device=device)  # nonnegative images
-    y = torch.randint(0, NUM_CLASSES, (batch,), device=device)
-
-    def forward() -> None:
-        with torch.no_grad():
-            model(x)
-
-    def forward_backward() -> None:
-        model.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
+    x, forward, forward_backward = mnist_workload(model, batch, device)
 
     model.eval()
     forward()  # warm-up
