@@ -174,6 +174,16 @@ def _check_image_batch(x: torch.Tensor, input_shape: tuple[int, ...]) -> None:
         )
     if x.shape[0] == 0:
         raise ValueError("expected a non-empty batch of images, got batch size 0")
+    # checked here, before the stem: a NaN reaching a training-mode BatchNorm would poison
+    # its running statistics, so every later clean input would be refused too
+    finite = torch.isfinite(x)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        sample = int(torch.nonzero(~finite.flatten(1).all(dim=1))[0, 0])
+        raise ValueError(
+            f"the batch of images contains {bad} NaN/Inf value(s) (first in sample {sample}); "
+            "nothing was updated -- clean or drop those inputs"
+        )
 
 
 # -- widths, presets, factories -------------------------------------------------------------

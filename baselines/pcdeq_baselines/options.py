@@ -90,11 +90,23 @@ def is_mnist_like(input_shape: tuple[int, int, int]) -> bool:
 
 
 def check_input_shape(x: torch.Tensor, input_shape: tuple[int, ...], model: str) -> None:
-    """Refuse a batch whose per-sample shape is not the one the model was built for."""
+    """Refuse a batch whose per-sample shape is not the one the model was built for, or that
+    holds NaN/Inf values.
+
+    Called at the model's entry, before any module runs: a NaN reaching a training-mode
+    BatchNorm would already have poisoned its running statistics.
+    """
     if x.dim() != len(input_shape) + 1 or tuple(x.shape[1:]) != tuple(input_shape):
         raise ValueError(
             f"{model}: expected inputs of shape [B, {', '.join(map(str, input_shape))}], "
             f"got {list(x.shape)}"
+        )
+    finite = torch.isfinite(x)
+    if not bool(finite.all()):
+        sample = int(torch.nonzero(~finite.flatten(1).all(dim=1))[0, 0])
+        raise ValueError(
+            f"{model}: the input batch contains {int((~finite).sum())} NaN/Inf value(s) "
+            f"(first in sample {sample}); nothing was updated -- clean or drop those inputs"
         )
 
 
