@@ -20,6 +20,7 @@ import torch.nn.functional as F
 __all__ = [
     "INPUT_SHAPE",
     "NUM_CLASSES",
+    "cpu_model",
     "machine_description",
     "median_time",
     "mnist_workload",
@@ -52,6 +53,22 @@ def timed(fn: Callable[[], Any], device: torch.device) -> float:
 def median_time(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
     """Median of ``repeats`` timed calls of ``fn``."""
     return statistics.median(timed(fn, device) for _ in range(repeats))
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux) and its bf16 matrix features."""
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())  # the first CPU's entries
+    except OSError:  # not Linux: the platform's name is all there is
+        pass
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    flags = set(fields.get("flags", "").split())
+    features = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
+    return name + (f" ({', '.join(features)})" if features else "")
 
 
 def machine_description(device: torch.device) -> str:

@@ -133,3 +133,113 @@ def test_bench_slow_map_shows_both_solvers_converging(capsys):
         if line.startswith("| fixed_point") or line.startswith("| anderson")
     ]
     assert len(rows) == 2 and all("| True |" in row for row in rows)
+
+
+# -- bench_speed.py: ours against the paper's algorithm ----------------------------------------
+
+
+def _flat_grad(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
+@pytest.mark.parametrize(
+    "name, overrides",
+    [("pcdeq-linear-1", {"width": 12}), ("pcdeq-single-conv-2", {"width": 4})],
+)
+def test_paper_reference_gives_our_fixed_point_and_gradients_in_float64(name, overrides):
+    load_script("bench_speed")  # puts the benchmarks folder on sys.path
+    import copy
+
+    from _paper_reference import paper_records, paper_reference_model
+
+    from pcdeq_plugin import build_model
+
+    # init_scale 1: a recurrent weight far from tiny, so the solves take real iterations
+    ours = build_model(name, (1, 8, 8), 10, tol=1e-11, max_iter=500, init_scale=1.0, **overrides)
+    ours = ours.double()
+    paper = paper_reference_model(copy.deepcopy(ours), tol=1e-11, max_iter=500)
+    x = torch.rand(5, 1, 8, 8, dtype=torch.float64)
+    y = torch.randint(0, 10, (5,))
+    logits = []
+    for model in (ours, paper):
+        out = model(x)
+        torch.nn.functional.cross_entropy(out, y).backward()
+        logits.append(out.detach())
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-9, atol=1e-12)
+    ours_grad, paper_grad = _flat_grad(ours), _flat_grad(paper)
+    assert float((paper_grad - ours_grad).norm() / ours_grad.norm()) < 1e-8
+    (record,) = paper_records(paper)
+    assert record.forward_iterations >= 5 and record.backward_iterations >= 3
+    assert record.forward_residuals[-1] < 1e-11 < record.forward_residuals[0]
+
+
+def test_paper_reference_stops_on_the_batch_wide_residual():
+    load_script("bench_speed")
+    from _paper_reference import paper_fixed_point
+
+    # sample 0: large and fast (rate 0.1); sample 1: small and slow (rate 0.9)
+    rate = torch.tensor([[0.1], [0.9]])
+    offset = torch.tensor([[100.0], [0.01]])
+    z, iterations, residuals = paper_fixed_point(
+        lambda z: rate * z + offset, torch.zeros(2, 1), tol=1e-4, max_iter=200
+    )
+    assert residuals[-1] < 1e-4 and iterations == len(residuals) < 20
+    per_sample = ((rate * z + offset) - z).abs() / (rate * z + offset).abs()
+    assert per_sample[0] < 1e-4 < per_sample[1]  # the slow sample hid behind the fast one
+
+
+def test_bench_speed_table_and_agreement_on_the_linear_net(capsys):
+    bench = load_script("bench_speed")
+    from _speed_setup import parse_case, plain_options
+
+    args = ["--models", "pcdeq-linear-1", "--repeats", "1", "--batch", "8"]
+    rows = bench.main([*args, "--warmup-steps", "2", "--test-samples", "24", "--tol", "1e-6"])
+    out = capsys.readouterr().out
+    header = (
+        "| model | threads | variant | train ms | eval ms | train x paper | eval x paper | "
+        "fwd it | bwd it | z* rel | logits rel | worst res | within tol | same pred |"
+    )
+    assert header in out and "torch " in out and "CPU " in out
+    has_options = bool(plain_options(parse_case("pcdeq-linear-1")))
+    expected = ["paper", "ours-plain", "ours"] if has_options else ["paper", "ours"]
+    assert [r["variant"] for r in rows] == expected
+    assert has_options or "ours-plain skipped" in out
+    for row in rows:
+        assert f"| pcdeq-linear-1 | 1 | {row['variant']} |" in out
+        assert row["train_ms"] > 0 and row["eval_ms"] > 0 and row["fwd_it"] >= 2
+        assert row["bwd_it"] >= 1 and row["worst_residual"] < 1e-5
+    paper, *others = rows
+    assert paper["train_x"] == 1.0 and paper["same_pred"] is None
+    for row in others:
+        assert row["same_pred"] == 1.0 and row["within_tol"] == 1.0
+        assert row["z_rel"] < 1e-4 and row["logits_rel"] < 1e-4
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--models", "pcdeq-linear-3"], "unknown pcDEQ model 'pcdeq-linear-3'; available:"),
+        (["--models", "pcdeq-single-conv-1@3x32"], "expected CxHxW"),
+        (["--threads", "0"], "threads must be integers >= 1 or 'all'"),
+        (["--option", "warm_start"], "expected KEY=VALUE"),
+        (["--repeats", "0"], "--repeats must be >= 1"),
+    ],
+)
+def test_bench_speed_rejects_bad_arguments(capsys, argv, message):
+    bench = load_script("bench_speed")
+    with pytest.raises(SystemExit):
+        bench.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_bench_speed_parses_cases_and_threads():
+    bench = load_script("bench_speed")
+    args = bench.parse_args(
+        ["--models", "pcdeq-linear-2, pcdeq-single-conv-1@3x32x32", "--threads", "1,all"]
+    )
+    assert [(c.label, c.input_shape) for c in args.cases] == [
+        ("pcdeq-linear-2", (1, 28, 28)),
+        ("pcdeq-single-conv-1@3x32x32", (3, 32, 32)),
+    ]
+    assert args.threads[0] == 1 and args.threads[-1] == bench.all_threads()
+    assert bench.parse_args(["--option", "warm_tol=0.02"]).options == {"warm_tol": 0.02}
