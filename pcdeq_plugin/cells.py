@@ -16,6 +16,7 @@ projected by :meth:`PcDEQBlock.after_optimizer_step`; the solve starts at ``z0 =
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -24,12 +25,14 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .activations import VARIANT_KINDS, resolve_activation
+from .cell_map import PcDEQCellMap
 from .constraints import (
     NonNegativeConstraint,
     apply_constraint,
     initialize_nonnegative_,
     project_nonnegative_,
 )
+from .implicit import make_solvers, solve_implicit
 from .interface import ImplicitBlock, SolverConfig
 from .registry import ActivationSpec, get_activation
 
@@ -120,11 +123,9 @@ class PcDEQBlock(ImplicitBlock):
             config = SolverConfig()
         if not isinstance(config, SolverConfig):
             raise TypeError(f"config must be a SolverConfig, got {type(config).__name__}")
-        from .implicit import make_solvers
-
         # resolve the solver names and options now, so a typo fails at construction (with
-        # the registered names) rather than at the first forward pass
-        make_solvers(config)
+        # the registered names) rather than at the first forward pass; the pair is reused
+        self._solvers = make_solvers(config)
         self.beta = float(beta)
         self.injection_floor = float(injection_floor)
         self.config = config
@@ -142,6 +143,22 @@ class PcDEQBlock(ImplicitBlock):
     def linear_map(self, z: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         """``W z`` for a state ``z`` (``weight`` defaults to :attr:`weight`)."""
         raise NotImplementedError
+
+    def transposed_map(self, y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """``W^T y``: the adjoint of :meth:`linear_map`."""
+        raise NotImplementedError
+
+    def pre_activation(
+        self, z: torch.Tensor, u: torch.Tensor, weight: torch.Tensor
+    ) -> torch.Tensor:
+        """``a = W z + u`` (subclasses fuse the addition where torch can)."""
+        return self.linear_map(z, weight) + u
+
+    def adjoint_map(
+        self, slope: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``y -> W^T (slope * y) + grad``: one backward iteration of the analytic adjoint."""
+        return lambda y: self.transposed_map(slope * y, weight) + grad
 
     def injection(self, pre_injection: torch.Tensor) -> torch.Tensor:
         """``u = softplus_beta(x~)`` (pcDEQ-1, strictly positive) or ``ReLU(x~)`` (pcDEQ-2),
@@ -186,21 +203,21 @@ class PcDEQBlock(ImplicitBlock):
         Returns:
             ``z*`` with the shape of the input; ``self.last_stats`` holds the solve records.
         """
-        from .implicit import solve_implicit
-
         self.check_pre_injection(pre_injection)
         u = self.injection(pre_injection)
         # cached(): W is computed once per solve; reading it here, in the caller's grad
         # mode, keeps its graph to the parametrization's tensors for the one
         # differentiable step (a first read inside the no-grad solve would cache a W
-        # without a graph). The closure holds W itself, so the backward hook reuses it.
+        # without a graph). The map holds W itself, so the backward hook reuses it.
         with parametrize.cached():
-            weight = self.weight
-
-            def g(z: torch.Tensor) -> torch.Tensor:
-                return self.cell(z, u, weight)
-
-            return solve_implicit(g, torch.zeros_like(u), self.config, self.last_stats)
+            cell_map = PcDEQCellMap(self, u, self.weight)
+            return solve_implicit(
+                cell_map,
+                torch.zeros_like(u),
+                self.config,
+                self.last_stats,
+                solvers=self._solvers,
+            )
 
     def after_optimizer_step(self) -> None:
         """Project the recurrent weight back onto ``W >= 0`` (no-op for ``softplus``)."""
@@ -231,6 +248,19 @@ class PcDEQLinear(PcDEQBlock):
 
     def linear_map(self, z: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         return F.linear(z, self.weight if weight is None else weight)
+
+    def transposed_map(self, y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return y @ weight
+
+    def pre_activation(
+        self, z: torch.Tensor, u: torch.Tensor, weight: torch.Tensor
+    ) -> torch.Tensor:
+        return torch.addmm(u, z, weight.t())  # one kernel for W z + u
+
+    def adjoint_map(
+        self, slope: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda y: torch.addmm(grad, slope * y, weight)
 
     def _check_shape(self, x: torch.Tensor) -> None:
         if x.dim() != 2 or x.shape[1] != self.features:
@@ -265,6 +295,10 @@ class PcDEQConv(PcDEQBlock):
 
     def linear_map(self, z: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         return F.conv2d(z, self.weight if weight is None else weight, padding=self.kernel_size // 2)
+
+    def transposed_map(self, y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        # stride 1 and "same" zero padding: the transposed convolution is the adjoint
+        return F.conv_transpose2d(y, weight, padding=self.kernel_size // 2)
 
     def _check_shape(self, x: torch.Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != self.channels:

@@ -1,40 +1,52 @@
 """Implicit differentiation of a fixed point: :func:`solve_implicit`.
 
 Forward: solve ``z* = f(z*)`` with the configured solver under ``torch.no_grad()`` (no
-graph over the iterations, so memory does not grow with their number), then take one
-differentiable step ``z = f(z*)`` that connects the output to everything ``f`` closes over.
+graph over the iterations, so memory does not grow with their number), optionally after a
+low-precision warm phase (:mod:`pcdeq_plugin.warm_start`), then take one differentiable
+step ``z = f(z*)`` that connects the output to everything ``f`` closes over. In
+``torch.no_grad()`` (evaluation) there is no step: the solve's evaluations are all.
 
 Backward (a tensor hook on ``z``, the recipe of the "Deep Implicit Layers" tutorial and of
 the official pcDEQ code): when ``dL/dz`` arrives, solve the adjoint equation
 
     y = J^T y + dL/dz,        J = df/dz at z*,
 
-by the configured backward solver, each ``J^T y`` being a vector-Jacobian product, and hand
-``y`` to autograd, which pushes it through the differentiable step to the parameters and
-the injection. For a pcDEQ map the spectral radius of ``J`` is below 1, so the adjoint
-iteration converges (pcdeq.md section 1.7).
+by the configured backward solver and hand ``y`` to autograd, which pushes it through the
+differentiable step to the parameters and the injection. For a pcDEQ map the spectral
+radius of ``J`` is below 1, so the adjoint iteration converges (pcdeq.md section 1.7).
 
-The graph for the vector-Jacobian products (``f0 = f(z_leaf)`` with ``z_leaf`` a detached
-copy of ``z*``) is built *inside* the hook and dropped when the hook returns: between
-forward and backward nothing but ``z*`` is kept, the graph is freed after backward, a
-``retain_graph=True`` second backward works, and a block used twice in one graph gets two
-independent hooks. Double backward (``create_graph=True``) is refused with a clear error:
-the hook's result is not itself differentiable, so second derivatives would be silently
-wrong.
+``J^T y`` comes from one of three places (``SolverConfig.adjoint``, ``reuse_step_graph``):
+
+* **analytic** (pcDEQ cells, the default for them): ``W^T (sigma'(a) * y)`` with the
+  pre-activation ``a = W z* + u`` kept from the differentiable step -- one transposed
+  linear map or convolution per backward iteration, no autograd round trip;
+* **autograd on the step's graph** (default for other maps): the differentiable step is
+  evaluated at a leaf copy of ``z*`` and its graph also serves the vector-Jacobian
+  products -- one evaluation per training step instead of the paper's two;
+* **autograd on a rebuilt graph** (``reuse_step_graph=False``, the paper's recipe): the
+  graph ``f(z_leaf)`` is built inside the hook and dropped when it returns.
+
+In every case nothing but ``z*`` and one evaluation's graph is kept between forward and
+backward, the graph is freed after backward, a ``retain_graph=True`` second backward
+works, and a block used twice in one graph gets two independent hooks. Double backward
+(``create_graph=True``) is refused with a clear error: the hook's result is not itself
+differentiable, so second derivatives would be silently wrong.
 
 Mixed precision: under ``torch.autocast`` the forward solve, the differentiable step and
 the adjoint solve run with autocast disabled, in float32 (a half-precision start is cast
 up). Tolerances around 1e-4 are below half-precision resolution (float16 spacing near 1 is
 ~1e-3, bfloat16 ~8e-3), so a half-precision solve would stall above its tolerance and
-report failure, and its adjoint would be noise. The output is float32; later autocast
-regions cast it as they need.
+report failure, and its adjoint would be noise. Low precision is used only where it is
+safe: the warm phase, whose result the float32 solve then takes to ``tol``. The output is
+float32; later autocast regions cast it as they need.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import time
 import warnings
-from collections.abc import Callable
 
 import torch
 
@@ -43,14 +55,15 @@ from .interface import (
     BlockStats,
     ConvergenceError,
     ConvergenceWarning,
+    FixedPointResult,
     SolverConfig,
     SolveStats,
 )
+from .maps import FixedPointMap, LinearizedStep, MapFn
 from .registry import FixedPointSolver, UnknownNameError, get_solver
+from .warm_start import resolve_warm_start, warm_iterate
 
 __all__ = ["enforce_failure_policy", "make_solvers", "solve_implicit"]
-
-MapFn = Callable[[torch.Tensor], torch.Tensor]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -147,28 +160,37 @@ def _autocast_off(device_type: str) -> contextlib.AbstractContextManager[None]:
 
 
 def solve_implicit(
-    f: MapFn,
+    f: MapFn | FixedPointMap,
     z0: torch.Tensor,
     config: SolverConfig,
     stats: BlockStats | None = None,
+    *,
+    solvers: tuple[FixedPointSolver, FixedPointSolver] | None = None,
 ) -> torch.Tensor:
     """Fixed point ``z* = f(z*)`` with implicit gradients.
 
     Args:
         f: The map ``[B, ...] -> [B, ...]``; gradients flow to every tensor it closes over
-            (weights, injection). It is called again during backward to build the
-            vector-Jacobian products, so it must be deterministic.
+            (weights, injection). A :class:`~pcdeq_plugin.maps.FixedPointMap` may also
+            offer the pcDEQ guarantee (warm start by default), a low-precision version and
+            an analytic adjoint. With the autograd adjoint ``f`` is differentiated at
+            ``z*``, so it must be deterministic.
         z0: Starting point (pcDEQ: zeros shaped like the injection). Not differentiated.
-        config: Solver names, tolerances, caps, ``check_every`` and the failure policy.
+        config: Solver names, tolerances, caps, ``check_every``, warm start, adjoint and
+            the failure policy.
         stats: Optional record; ``stats.forward`` is written during forward and
             ``stats.backward`` during backward (it is reset to ``None`` on each forward).
+        solvers: The ``(forward, backward)`` solvers of ``config`` if the caller built
+            them already (:func:`make_solvers`); saves the registry lookups per call.
 
     Returns:
         ``z*`` (float32 if the input was half precision or autocast was on). When grad mode
-        is off or nothing ``f`` uses requires grad, no graph is built.
+        is off or nothing ``f`` uses requires grad, no graph is built and ``f`` is
+        evaluated exactly the solve's number of times.
 
     Raises:
         ConvergenceError: a solve failed and ``config.on_failure == "raise"``.
+        ValueError: ``config.adjoint == "analytic"`` for a map without one.
         RuntimeError: double backward (``create_graph=True``) through the solve.
     """
     if not isinstance(config, SolverConfig):
@@ -176,20 +198,25 @@ def solve_implicit(
     if not isinstance(z0, torch.Tensor) or not z0.is_floating_point():
         raise TypeError("z0 must be a floating-point torch.Tensor")
     block = stats.block if stats is not None else "solve_implicit"
-    forward_solver, backward_solver = make_solvers(config)
+    forward_solver, backward_solver = solvers if solvers is not None else make_solvers(config)
     device_type = z0.device.type
     z0 = z0.detach()
     if z0.dtype in _LOW_PRECISION:
         z0 = z0.float()
+    positive = isinstance(f, FixedPointMap) and f.positive_concave
+    warm_dtype = resolve_warm_start(config.warm_start, z0, positive)
 
     with _autocast_off(device_type):
         with torch.no_grad():
-            result = forward_solver(
+            result = _solve(
+                forward_solver,
                 f,
                 z0,
-                tol=config.tol,
-                max_iter=config.max_iter,
-                check_every=config.effective_check_every(z0.device),
+                config.tol,
+                config.max_iter,
+                config,
+                _warm_map(f, warm_dtype),
+                project=True,
             )
         if stats is not None:
             stats.forward = result.stats
@@ -200,35 +227,39 @@ def solve_implicit(
         z_star = result.value.detach()
         if not torch.is_grad_enabled():
             return z_star
-        z = f(z_star)  # the one differentiable step
-    if not z.requires_grad:
-        return z  # nothing to differentiate (e.g. a fixed map): no hook needed
+        step = _differentiable_step(f, z_star, config, block)
+    if step is None:
+        return z_star  # nothing f uses requires grad: no graph, no hook
+    z = step.output
+    reentrant = [False]  # an autograd VJP runs through z's own graph, hence its hook
 
     def adjoint_hook(grad: torch.Tensor | None) -> torch.Tensor | None:
-        if grad is None:  # an undefined incoming gradient stays undefined
+        if grad is None or reentrant[0]:  # an undefined gradient stays undefined
             return None
         if torch.is_grad_enabled():
             raise RuntimeError(
                 f"{block}: double backward (create_graph=True) through an implicit solve is "
                 "not supported; the adjoint solve is not itself differentiable"
             )
-        with _autocast_off(device_type), torch.enable_grad():
-            z_leaf = z_star.detach().requires_grad_()
-            f0 = f(z_leaf)
-        if not f0.requires_grad:  # f does not depend on its state: J = 0
-            return grad
-
-        def adjoint_map(y: torch.Tensor) -> torch.Tensor:
-            (vjp,) = torch.autograd.grad(f0, z_leaf, y, retain_graph=True, allow_unused=True)
-            return grad if vjp is None else vjp + grad
-
-        result_b = backward_solver(
-            adjoint_map,
-            grad,
-            tol=config.effective_backward_tol,
-            max_iter=config.effective_backward_max_iter,
-            check_every=config.effective_check_every(grad.device),
-        )
+        reentrant[0] = True
+        try:
+            with _autocast_off(device_type):
+                adjoint_map = step.adjoint(grad)
+                warm = None
+                if step.adjoint_in is not None and warm_dtype is not None:
+                    warm = (warm_dtype, step.adjoint_in(warm_dtype, grad))
+                result_b = _solve(
+                    backward_solver,
+                    adjoint_map,
+                    grad,
+                    config.effective_backward_tol,
+                    config.effective_backward_max_iter,
+                    config,
+                    warm,
+                    project=False,
+                )
+        finally:
+            reentrant[0] = False
         if stats is not None:
             stats.backward = result_b.stats
         enforce_failure_policy(
@@ -242,3 +273,145 @@ def solve_implicit(
 
     z.register_hook(adjoint_hook)
     return z
+
+
+def _warm_map(
+    f: MapFn | FixedPointMap, dtype: torch.dtype | None
+) -> tuple[torch.dtype, MapFn] | None:
+    if dtype is None:
+        return None
+    structured = f if isinstance(f, FixedPointMap) else _CallableMap(f)
+    return dtype, structured.in_precision(dtype)
+
+
+class _CallableMap(FixedPointMap):
+    """A plain callable seen as a :class:`FixedPointMap` (for the autocast warm map)."""
+
+    def __init__(self, f: MapFn) -> None:
+        self.f = f
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        return self.f(z)
+
+
+def _solve(
+    solver: FixedPointSolver,
+    f: MapFn,
+    z0: torch.Tensor,
+    tol: float,
+    max_iter: int,
+    config: SolverConfig,
+    warm: tuple[torch.dtype, MapFn] | None,
+    *,
+    project: bool,
+) -> FixedPointResult:
+    """One solve: an optional low-precision warm phase, then the solver in ``z0``'s dtype.
+
+    The warm phase's evaluations count against ``max_iter`` and are recorded in
+    ``stats.warm_iterations`` (``stats.iterations`` counts both phases).
+    """
+    start = time.perf_counter()
+    warm_iterations = 0
+    if warm is not None and max_iter > 1:
+        dtype, warm_fn = warm
+        state, warm_iterations = warm_iterate(
+            warm_fn, z0.to(dtype), tol=config.warm_tol, max_iter=max_iter - 1
+        )
+        z0 = state.to(z0.dtype)
+        if project:  # rounding must not leave the orthant the guarantee lives in
+            z0 = z0.clamp_min_(0)
+    check_every = config.check_every
+    if check_every is None and not getattr(solver, "predicts_checks", False):
+        check_every = config.effective_check_every(z0.device)
+    result = solver(f, z0, tol=tol, max_iter=max_iter - warm_iterations, check_every=check_every)
+    if warm is not None:
+        result.stats = dataclasses.replace(
+            result.stats,
+            iterations=result.stats.iterations + warm_iterations,
+            warm_iterations=warm_iterations,
+            warm_dtype=str(warm[0]).replace("torch.", ""),
+            max_iter=max_iter,
+            seconds=time.perf_counter() - start,
+        )
+    return result
+
+
+def _differentiable_step(
+    f: MapFn | FixedPointMap,
+    z_star: torch.Tensor,
+    config: SolverConfig,
+    block: str,
+) -> LinearizedStep | None:
+    """The one differentiable step and its adjoint maps (``None``: nothing to differentiate).
+
+    ``adjoint="auto"`` uses the map's analytic adjoint where it has one, else autograd.
+    The autograd adjoint reuses the step's own graph for its vector-Jacobian products
+    (``reuse_step_graph=True``: one evaluation per training step instead of two), or
+    rebuilds that graph inside the backward hook (the paper's recipe).
+    """
+    if config.adjoint != "autograd" and isinstance(f, FixedPointMap):
+        step = f.linearized_step(z_star)
+        if step is not None:
+            return step if step.output.requires_grad else None
+    if config.adjoint == "analytic":
+        raise ValueError(
+            f"{block}: adjoint='analytic' needs a map with an analytic Jacobian (pcDEQ cells "
+            f"have one); this map is a {type(f).__name__}. Use adjoint='auto' or 'autograd'."
+        )
+    if not config.reuse_step_graph:
+        z = f(z_star)
+        if not z.requires_grad:
+            return None
+        return LinearizedStep(z, lambda grad: _rebuilt_vjp_map(f, z_star, grad))
+    z_leaf = z_star.detach().requires_grad_()
+    z = f(z_leaf)
+    if not _needs_more_than(z, z_leaf):
+        return None
+
+    def adjoint(grad: torch.Tensor) -> MapFn:
+        def adjoint_map(y: torch.Tensor) -> torch.Tensor:
+            (vjp,) = torch.autograd.grad(z, z_leaf, y, retain_graph=True, allow_unused=True)
+            return grad if vjp is None else vjp + grad
+
+        return adjoint_map
+
+    return LinearizedStep(z, adjoint)
+
+
+def _rebuilt_vjp_map(f: MapFn, z_star: torch.Tensor, grad: torch.Tensor) -> MapFn:
+    """``y -> J^T y + grad`` on a graph of ``f`` built now (and dropped after backward)."""
+    with torch.enable_grad():
+        z_leaf = z_star.detach().requires_grad_()
+        f0 = f(z_leaf)
+    if not f0.requires_grad:  # f does not depend on its state: J = 0
+        return lambda y: grad
+
+    def adjoint_map(y: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            (vjp,) = torch.autograd.grad(f0, z_leaf, y, retain_graph=True, allow_unused=True)
+        return grad if vjp is None else vjp + grad
+
+    return adjoint_map
+
+
+def _needs_more_than(output: torch.Tensor, leaf: torch.Tensor) -> bool:
+    """Whether ``output``'s graph reaches a tensor needing a gradient other than ``leaf``.
+
+    Walks back from ``output`` and stops at the first such leaf, so it visits a few nodes of
+    the one-evaluation graph, not the network upstream of the injection.
+    """
+    if output.grad_fn is None:
+        return False
+    stack, seen = [output.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)  # AccumulateGrad: a leaf
+        if variable is not None:
+            if variable is not leaf:
+                return True
+            continue
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return False

@@ -38,6 +38,11 @@ __all__ = [
 FailurePolicy = Literal["ignore", "warn", "raise"]
 FAILURE_POLICIES: tuple[str, ...] = ("ignore", "warn", "raise")
 
+#: ``SolverConfig.warm_start`` values (see :mod:`pcdeq_plugin.warm_start`)
+WARM_START_CHOICES: tuple[str, ...] = ("auto", "off", "bf16", "fp16")
+#: ``SolverConfig.adjoint`` values
+ADJOINT_CHOICES: tuple[str, ...] = ("auto", "analytic", "autograd")
+
 #: Default convergence-check period on CUDA/MPS: a check costs one host synchronisation
 #: there, while a pcDEQ solve typically needs 5-20 iterations.
 ACCELERATOR_CHECK_EVERY = 4
@@ -63,6 +68,8 @@ class SolveStats:
         unit: ``"iter"`` for fixed-point iterations, ``"nfe"`` for function evaluations.
         solver: Name of the solver that produced the record.
         max_iter: The cap the solve ran under (``0`` where it does not apply).
+        warm_iterations: Of ``iterations``, those run in low precision by a warm start.
+        warm_dtype: The warm start's precision (``"bfloat16"``, ``"float16"``), or ``""``.
     """
 
     iterations: int
@@ -72,6 +79,8 @@ class SolveStats:
     unit: Literal["iter", "nfe"] = "iter"
     solver: str = ""
     max_iter: int = 0
+    warm_iterations: int = 0
+    warm_dtype: str = ""
 
     @property
     def batch_size(self) -> int:
@@ -100,6 +109,7 @@ class SolveStats:
             "unit": self.unit,
             "solver": self.solver,
             "max_iter": int(self.max_iter),
+            "warm_iterations": int(self.warm_iterations),
             "max_residual": self.max_residual,
             "failed": self.num_failed,
             "batch": self.batch_size,
@@ -142,14 +152,27 @@ class SolverConfig:
         backward_solver: Registered name of the backward solver; ``None`` reuses ``solver``.
         backward_tol: Tolerance of the backward solve; ``None`` reuses ``tol``.
         backward_max_iter: Iteration cap of the backward solve; ``None`` reuses ``max_iter``.
-        check_every: Test convergence only every this many iterations, so the host does not
-            synchronise with the device on every step. ``None`` (default) picks per device:
-            1 on the CPU, where a check costs no synchronisation, and
-            :data:`ACCELERATOR_CHECK_EVERY` on CUDA/MPS.
+        check_every: Test convergence only every this many iterations. ``None``
+            (default): solvers that can (plain iteration) predict the checks from the
+            observed geometric rate (:mod:`pcdeq_plugin.iteration`); others check every
+            iteration on the CPU and every :data:`ACCELERATOR_CHECK_EVERY` on CUDA/MPS,
+            where a check costs a host synchronisation.
         on_failure: What a solve that hits its cap does: ``"ignore"`` (only recorded),
             ``"warn"`` (recorded and a :class:`ConvergenceWarning`), ``"raise"``
             (:class:`ConvergenceError`).
         solver_options: Extra keyword options for the solver (e.g. Anderson memory).
+        warm_start: Mixed-precision warm start of forward and backward solves
+            (:mod:`pcdeq_plugin.warm_start`): ``"auto"`` (bfloat16 for large float32
+            states of pcDEQ maps on hardware with fast bfloat16, off elsewhere), ``"off"``,
+            ``"bf16"`` or ``"fp16"`` (forced). Final residuals, flags and the failure
+            policy always come from the full-precision phase.
+        warm_tol: Residual at which the warm phase hands over to full precision (it also
+            stops at the low precision's floor).
+        adjoint: Where ``J^T y`` comes from: ``"auto"`` (the map's analytic adjoint where it
+            has one, as pcDEQ cells do, else autograd), ``"analytic"`` or ``"autograd"``.
+        reuse_step_graph: The autograd adjoint differentiates the graph of the one
+            differentiable step (one evaluation per training step); ``False`` rebuilds
+            that graph inside the backward hook (the paper's two evaluations).
     """
 
     solver: str = "fixed_point"
@@ -161,6 +184,10 @@ class SolverConfig:
     check_every: int | None = None
     on_failure: FailurePolicy = "warn"
     solver_options: dict = field(default_factory=dict)
+    warm_start: str = "auto"
+    warm_tol: float = 1e-2
+    adjoint: str = "auto"
+    reuse_step_graph: bool = True
 
     def __post_init__(self) -> None:
         _check_name("solver", self.solver)
@@ -177,6 +204,13 @@ class SolverConfig:
         if self.on_failure not in FAILURE_POLICIES:
             raise ValueError(
                 f"unknown on_failure {self.on_failure!r}; choose one of {', '.join(FAILURE_POLICIES)}"
+            )
+        _check_choice("warm_start", self.warm_start, WARM_START_CHOICES)
+        _check_tolerance("warm_tol", self.warm_tol)
+        _check_choice("adjoint", self.adjoint, ADJOINT_CHOICES)
+        if not isinstance(self.reuse_step_graph, bool):
+            raise TypeError(
+                f"reuse_step_graph must be True or False, got {self.reuse_step_graph!r}"
             )
         if not isinstance(self.solver_options, Mapping) or not all(
             isinstance(key, str) for key in self.solver_options
@@ -231,6 +265,11 @@ def _check_tolerance(field_name: str, value: object) -> None:
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if not (number and value > 0 and math.isfinite(value)):  # type: ignore[operator]
         raise ValueError(f"{field_name} must be a positive finite number, got {value!r}")
+
+
+def _check_choice(field_name: str, value: object, choices: tuple[str, ...]) -> None:
+    if not (isinstance(value, str) and value in choices):
+        raise ValueError(f"unknown {field_name} {value!r}; choose one of {', '.join(choices)}")
 
 
 def _check_count(field_name: str, value: object) -> None:

@@ -105,7 +105,9 @@ class FixedPointSolver(Protocol):
     ``fn`` maps a state tensor ``[B, ...]`` to a tensor of the same shape; the solver returns
     the (approximate) fixed point and a :class:`~pcdeq_plugin.interface.SolveStats` with
     per-sample residuals and convergence flags. Solvers never raise on non-convergence:
-    the caller applies its failure policy to the statistics.
+    the caller applies its failure policy to the statistics. ``check_every=None`` asks for
+    the solver's own check schedule; :func:`~pcdeq_plugin.implicit.solve_implicit` passes
+    it only to solvers whose ``predicts_checks`` attribute is true.
     """
 
     name: str
@@ -117,7 +119,7 @@ class FixedPointSolver(Protocol):
         *,
         tol: float,
         max_iter: int,
-        check_every: int = 1,
+        check_every: int | None = 1,
     ) -> FixedPointResult: ...
 
 

@@ -4,38 +4,29 @@ Every solver shares one call signature (see :class:`~pcdeq_plugin.registry.Fixed
 
     solver(fn, z0, *, tol, max_iter, check_every=1) -> FixedPointResult(value, stats)
 
+``check_every=None`` asks the solver for its own check schedule (plain iteration predicts
+it from the observed geometric rate).
+
 In the optimistix spirit a solver is a small object with a fixed protocol -- ``init`` its
 state, take one ``step`` from an iterate and its image -- and one generic loop
 (:meth:`IterativeSolver.__call__`) drives it, tests convergence and writes the statistics.
 
-Design points:
-
-* The residual is **per sample**: ``||f(z) - z|| / (||f(z)|| + 1e-8)`` over all non-batch
-  dimensions (the official pcDEQ code uses one residual for the whole batch, so one slow
-  sample can hide behind the others).
-* Convergence is tested only every ``check_every`` iterations (and at the cap); the
-  per-sample mask stays on the device, so the host synchronises once per check, not once
-  per step.
-* A sample is *done* once its residual is below ``tol`` or becomes non-finite (NaN/Inf in
-  the state or the map's output). Done samples keep the value they had at that check; a
-  NaN residual never counts as converged. The loop stops when every sample is done.
-* Solvers never raise on non-convergence: the statistics say so, and the caller applies
-  its failure policy (:func:`pcdeq_plugin.implicit.enforce_failure_policy`).
-* Solvers do not change the grad mode: :func:`pcdeq_plugin.implicit.solve_implicit` calls
-  them under ``torch.no_grad()``.
+The loop itself (per-sample residuals, convergence checks and when they happen, the
+statistics) lives in :mod:`pcdeq_plugin.iteration`. Solvers never raise on
+non-convergence: the statistics say so, and the caller applies its failure policy
+(:func:`pcdeq_plugin.implicit.enforce_failure_policy`). Solvers do not change the grad
+mode: :func:`pcdeq_plugin.implicit.solve_implicit` calls them under ``torch.no_grad()``.
 """
 
 from __future__ import annotations
 
 import math
-import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from .hookspecs import hookimpl
-from .interface import FixedPointResult, SolveStats
+from .iteration import RESIDUAL_EPS, IterativeSolver, _batch_where, per_sample_residual
 from .registry import SolverSpec
 
 __all__ = [
@@ -49,157 +40,6 @@ __all__ = [
     "per_sample_residual",
 ]
 
-#: Added to the denominator of the relative residual so that a zero image does not divide by 0.
-RESIDUAL_EPS = 1e-8
-
-MapFn = Callable[[torch.Tensor], torch.Tensor]
-
-
-def per_sample_residual(
-    fz: torch.Tensor, z: torch.Tensor, eps: float = RESIDUAL_EPS
-) -> torch.Tensor:
-    """Relative residual of each sample: ``||f(z) - z|| / (||f(z)|| + eps)``.
-
-    Args:
-        fz: The map's output ``f(z)``, shape ``[B, ...]``.
-        z: The iterate, same shape.
-        eps: Added to the denominator.
-
-    Returns:
-        A ``[B]`` tensor (NaN or Inf where the sample holds non-finite values).
-    """
-    if fz.shape != z.shape:
-        raise ValueError(
-            f"the map changed the state's shape: got {tuple(fz.shape)} from {tuple(z.shape)}"
-        )
-    if z.dim() == 0:
-        raise ValueError("the state must have a batch dimension, got a 0-d tensor")
-    diff = (fz - z).flatten(1).norm(dim=1)
-    return diff / (fz.flatten(1).norm(dim=1) + eps)
-
-
-def _check_call_args(z0: torch.Tensor, tol: float, max_iter: int, check_every: int) -> None:
-    if not isinstance(z0, torch.Tensor):
-        raise TypeError(f"z0 must be a torch.Tensor, got {type(z0).__name__}")
-    if z0.dim() < 1 or z0.shape[0] < 1:
-        raise ValueError(f"z0 must have a non-empty batch dimension, got shape {tuple(z0.shape)}")
-    if not z0.is_floating_point():
-        raise TypeError(f"z0 must be a floating-point tensor, got dtype {z0.dtype}")
-    tol_is_number = isinstance(tol, (int, float)) and not isinstance(tol, bool)
-    if not (tol_is_number and tol > 0 and math.isfinite(tol)):
-        raise ValueError(f"tol must be a positive finite number, got {tol!r}")
-    if isinstance(max_iter, bool) or not (isinstance(max_iter, int) and max_iter >= 1):
-        raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
-    if isinstance(check_every, bool) or not (isinstance(check_every, int) and check_every >= 1):
-        raise ValueError(f"check_every must be an integer >= 1, got {check_every!r}")
-
-
-def _batch_where(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a`` where the per-sample ``mask`` holds, else ``b`` (mask broadcast over non-batch dims)."""
-    return torch.where(mask.view(-1, *([1] * (a.dim() - 1))), a, b)
-
-
-class IterativeSolver:
-    """Base class: the generic fixed-point loop; subclasses define ``init`` and ``step``.
-
-    Protocol:
-        ``init(z0) -> state``: state carried between steps.
-        ``step(state, z, fz, residual) -> (z_next, state)``: the next iterate from the
-        current one and its image. ``residual`` is the per-sample residual of ``z`` when
-        :attr:`needs_residual` is true or on a check step, else ``None``.
-    """
-
-    #: Registry name, written into :class:`SolveStats`.
-    name: str = "iterative"
-    #: Whether :meth:`step` needs the residual on every step (not only on check steps).
-    needs_residual: bool = False
-
-    def init(self, z0: torch.Tensor) -> Any:
-        return None
-
-    def step(
-        self, state: Any, z: torch.Tensor, fz: torch.Tensor, residual: torch.Tensor | None
-    ) -> tuple[torch.Tensor, Any]:
-        raise NotImplementedError
-
-    def __call__(
-        self,
-        fn: MapFn,
-        z0: torch.Tensor,
-        *,
-        tol: float,
-        max_iter: int,
-        check_every: int = 1,
-    ) -> FixedPointResult:
-        """Iterate towards ``z = fn(z)`` from ``z0``.
-
-        Args:
-            fn: The map, ``[B, ...] -> [B, ...]``.
-            z0: Starting point (pcDEQ starts from zeros).
-            tol: Per-sample relative residual tolerance.
-            max_iter: Iteration cap (number of evaluations of ``fn``).
-            check_every: Test convergence every this many iterations (and at the cap).
-
-        Returns:
-            :class:`FixedPointResult` with the per-sample solution (each sample's image
-            ``fn(z)`` at the check where it finished, or at the cap) and its statistics.
-        """
-        _check_call_args(z0, tol, max_iter, check_every)
-        start = time.perf_counter()
-        batch = z0.shape[0]
-        z = z0.detach()
-        state = self.init(z)
-        done = torch.zeros(batch, dtype=torch.bool, device=z.device)
-        converged = torch.zeros_like(done)
-        final_residual = torch.full((batch,), math.inf, dtype=z.dtype, device=z.device)
-        value = z
-        any_done = False
-        iterations = 0
-        for k in range(1, max_iter + 1):
-            fz = fn(z)
-            if not isinstance(fz, torch.Tensor) or fz.shape != z.shape:
-                got = tuple(fz.shape) if isinstance(fz, torch.Tensor) else type(fz).__name__
-                raise ValueError(
-                    f"{self.name}: the map must return a tensor shaped like its input "
-                    f"{tuple(z.shape)}, got {got}"
-                )
-            iterations = k
-            check = k % check_every == 0 or k == max_iter
-            residual = per_sample_residual(fz, z) if (check or self.needs_residual) else None
-            if check:
-                assert residual is not None
-                ok = residual < tol  # False for NaN
-                finished = ok | ~torch.isfinite(residual)
-                if not any_done:  # common case: nothing to keep from earlier checks
-                    value, final_residual, converged, done = fz, residual, ok, finished
-                else:
-                    # Samples finishing now (or still running) take this check's image and
-                    # residual; samples finished earlier keep theirs.
-                    still_open = ~done
-                    value = _batch_where(still_open, fz, value)
-                    final_residual = torch.where(still_open, residual, final_residual)
-                    converged = converged | (still_open & ok)
-                    done = done | finished
-                num_done = int(done.sum().item())  # the one host synchronisation per check
-                if num_done == batch:
-                    break
-                any_done = num_done > 0
-            if k < max_iter:
-                z, state = self.step(state, z, fz, residual)
-        stats = SolveStats(
-            iterations=iterations,
-            residual=final_residual.detach(),
-            converged=converged,
-            seconds=time.perf_counter() - start,
-            unit="iter",
-            solver=self.name,
-            max_iter=max_iter,
-        )
-        return FixedPointResult(value=value, stats=stats)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}()"
-
 
 class FixedPointIteration(IterativeSolver):
     """Plain (Picard) iteration ``z <- f(z)``.
@@ -209,6 +49,7 @@ class FixedPointIteration(IterativeSolver):
     """
 
     name = "fixed_point"
+    predicts_checks = True
 
     def step(
         self, state: Any, z: torch.Tensor, fz: torch.Tensor, residual: torch.Tensor | None

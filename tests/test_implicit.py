@@ -171,7 +171,8 @@ def test_graph_size_does_not_grow_with_the_number_of_iterations(solver):
     assert count_saved_tensors(lambda: unrolled(problem.map(), problem.zeros(), 60)) > 10 * few
 
 
-def test_vjp_graph_is_freed_after_backward():
+@pytest.mark.parametrize("reuse_step_graph", [False, True])
+def test_vjp_graph_is_freed_after_backward(reuse_step_graph):
     problem = dense_tanh().requires_grad_()
     f = problem.map()
     outputs: list[weakref.ref] = []
@@ -182,11 +183,15 @@ def test_vjp_graph_is_freed_after_backward():
             outputs.append(weakref.ref(out))
         return out
 
-    z = solve_implicit(tracked, problem.zeros(), SolverConfig(tol=1e-8))
+    config = SolverConfig(tol=1e-8, reuse_step_graph=reuse_step_graph)
+    z = solve_implicit(tracked, problem.zeros(), config)
     (z**2).sum().backward()
     gc.collect()
     alive = [r() for r in outputs if r() is not None and r() is not z]
-    assert len(outputs) >= 2  # the differentiable step, and the VJP graph built in backward
+    if reuse_step_graph:  # the differentiable step's graph also serves the VJPs
+        assert len(outputs) == 1
+    else:
+        assert len(outputs) >= 2  # the differentiable step, and the VJP graph built in backward
     assert alive == []
 
 

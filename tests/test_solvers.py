@@ -146,6 +146,7 @@ def test_host_synchronises_only_on_check_steps(monkeypatch, solver_name):
 
     syncs = {"n": 0}
     original_bool, original_item = torch.Tensor.__bool__, torch.Tensor.item
+    original_numpy = torch.Tensor.numpy
 
     def counting_bool(self):
         syncs["n"] += 1
@@ -155,9 +156,15 @@ def test_host_synchronises_only_on_check_steps(monkeypatch, solver_name):
         syncs["n"] += 1
         return original_item(self)
 
+    def counting_numpy(self, *args, **kwargs):
+        # the CPU path reads the per-sample norms as one NumPy array per check
+        syncs["n"] += 1
+        return original_numpy(self, *args, **kwargs)
+
     solver = get_solver(solver_name)
     monkeypatch.setattr(torch.Tensor, "__bool__", counting_bool)
     monkeypatch.setattr(torch.Tensor, "item", counting_item)
+    monkeypatch.setattr(torch.Tensor, "numpy", counting_numpy)
     solver(f, z0, tol=1e-6, max_iter=20, check_every=5)
     sparse = syncs["n"]
     syncs["n"] = 0

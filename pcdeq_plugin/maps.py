@@ -1,0 +1,71 @@
+"""Fixed-point maps that tell :func:`~pcdeq_plugin.implicit.solve_implicit` more than their values.
+
+A plain callable ``f(z)`` is enough for :func:`solve_implicit`. A map that subclasses
+:class:`FixedPointMap` can also offer:
+
+* :attr:`FixedPointMap.positive_concave` -- the pcDEQ guarantee (a unique fixed point
+  that plain iteration reaches from *any* nonnegative start). Only such maps get the
+  mixed-precision warm start by default (:mod:`pcdeq_plugin.warm_start`).
+* :meth:`FixedPointMap.in_precision` -- the same map evaluated in a low precision, for
+  that warm start.
+* :meth:`FixedPointMap.linearized_step` -- the one differentiable step together with an
+  analytic Jacobian-transpose product (pcDEQ cells: ``J^T y = W^T (sigma'(a) * y)``), so
+  the backward solve needs no autograd round trip and no second evaluation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["AdjointMapFactory", "FixedPointMap", "LinearizedStep", "MapFn"]
+
+MapFn = Callable[[torch.Tensor], torch.Tensor]
+#: ``grad -> (y -> J^T y + grad)``: the adjoint map for one incoming gradient
+AdjointMapFactory = Callable[[torch.Tensor], MapFn]
+
+
+@dataclass
+class LinearizedStep:
+    """The differentiable step ``z = f(z*)`` and the adjoint maps of its Jacobian at ``z*``.
+
+    Attributes:
+        output: ``f(z*)``, connected by autograd to everything ``f`` closes over (but not
+            to ``z*``).
+        adjoint: ``adjoint(grad)`` returns the map ``y -> J^T y + grad`` (no graph).
+        adjoint_in: ``adjoint_in(dtype, grad)`` returns the same map evaluated in a low
+            precision ``dtype`` (for the warm start of the backward solve), or ``None``.
+    """
+
+    output: torch.Tensor
+    adjoint: AdjointMapFactory
+    adjoint_in: Callable[[torch.dtype, torch.Tensor], MapFn] | None = None
+
+
+class FixedPointMap:
+    """Base class of a fixed-point map with structure a solver can exploit."""
+
+    #: The map is positive concave (pcDEQ): plain iteration converges to the unique fixed
+    #: point from any nonnegative start, so a warm start can only save iterations.
+    positive_concave: bool = False
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def in_precision(self, dtype: torch.dtype) -> MapFn:
+        """The map evaluated in ``dtype`` (default: the map under ``torch.autocast``)."""
+        device_type = None
+
+        def low(z: torch.Tensor) -> torch.Tensor:
+            nonlocal device_type
+            device_type = device_type or z.device.type
+            with torch.autocast(device_type=device_type, dtype=dtype):
+                return self(z.to(dtype))
+
+        return low
+
+    def linearized_step(self, z_star: torch.Tensor) -> LinearizedStep | None:
+        """The differentiable step with an analytic adjoint, or ``None`` (use autograd)."""
+        return None
