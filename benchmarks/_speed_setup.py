@@ -54,13 +54,14 @@ DEFAULT_CASES: tuple[str, ...] = (
     "pcdeq-single-conv-1@3x32x32",
 )
 #: solver options (SolverConfig fields) that switch a speed feature off
-_PLAIN_SOLVER = {"warm_start": "off", "adjoint": "autograd"}
+_PLAIN_SOLVER = {"warm_start": "off", "adjoint": "autograd", "reuse_step_graph": False}
 #: conv-network option that forces the NCHW layout
 _PLAIN_LAYOUT = {"memory_format": "contiguous"}
 #: ablation variant -> the one option it forces off
 ABLATIONS: dict[str, str] = {
     "ours-no-warm-start": "warm_start",
     "ours-autograd-adjoint": "adjoint",
+    "ours-two-evaluations": "reuse_step_graph",
     "ours-nchw": "memory_format",
 }
 
@@ -224,12 +225,19 @@ def build_variants(
     else:
         notes.append(
             f"{case.label}: ours-plain skipped: this pcdeq_plugin has none of the speed "
-            "options (SolverConfig.warm_start/adjoint, memory_format), so it equals ours"
+            "options (SolverConfig.warm_start/adjoint/reuse_step_graph, memory_format), so "
+            "it equals ours"
         )
+    ours_options = dict(ours_options)
+    for key in _PLAIN_LAYOUT:  # a layout option means nothing to a linear network
+        if key in ours_options and key not in plain:
+            notes.append(f"{case.label}: --option {key} not applied (the network has no {key})")
+            del ours_options[key]
     specs.append(("ours", {**solver, **ours_options}, False))
     if ablations:
         for name, key in ABLATIONS.items():
-            if key in plain and key not in ours_options:
+            # one option off, the others as in ours (an option set by --option stays set)
+            if key in plain:
                 specs.append((name, {**solver, **ours_options, key: plain[key]}, False))
             else:
                 notes.append(f"{case.label}: {name} skipped: no {key} option to force off here")

@@ -16,21 +16,31 @@ from _timing import timed
 __all__ = ["time_variants"]
 
 
-def _iterations(variant: Variant) -> tuple[int, int, int | None]:
-    """Forward, backward and warm-start iterations of the latest training step (all blocks)."""
+def _warm(stats: list[Any]) -> int | None:
+    """Iterations run in the low-precision warm start, where the library records them."""
+    counts = [getattr(s, "warm_iterations", None) for s in stats]
+    return None if all(c is None for c in counts) else sum(c or 0 for c in counts)
+
+
+def _iterations(variant: Variant) -> dict[str, int | None]:
+    """Forward and backward iterations of the latest training step (summed over blocks),
+    and of those the warm start's."""
     if variant.is_paper:
         records = paper_records(variant.model)
-        return (
-            sum(r.forward_iterations for r in records),
-            sum(r.backward_iterations or 0 for r in records),
-            None,
-        )
+        return {
+            "fwd": sum(r.forward_iterations for r in records),
+            "bwd": sum(r.backward_iterations or 0 for r in records),
+            "fwd_warm": None,
+            "bwd_warm": None,
+        }
     forward = [s.forward for s in variant.model.solver_stats() if s.forward is not None]
     backward = [s.backward for s in variant.model.solver_stats() if s.backward is not None]
-    # the warm-start phase's count, where the library records one
-    warm = [getattr(s, "warm_iterations", None) for s in forward]
-    warm_total = sum(w for w in warm if w is not None) if any(w is not None for w in warm) else None
-    return sum(s.iterations for s in forward), sum(s.iterations for s in backward), warm_total
+    return {
+        "fwd": sum(s.iterations for s in forward),
+        "bwd": sum(s.iterations for s in backward),
+        "fwd_warm": _warm(forward),
+        "bwd_warm": _warm(backward),
+    }
 
 
 def _train_step(variant: Variant) -> Callable[[tuple[torch.Tensor, torch.Tensor]], None]:
@@ -66,30 +76,27 @@ def time_variants(
     eval_x = data.test_chunks()[0]
     steps = {v.name: _train_step(v) for v in variants}
     evals = {v.name: _eval_forward(v, eval_x) for v in variants}
-    samples: dict[str, dict[str, list]] = {
-        v.name: {"train": [], "eval": [], "fwd": [], "bwd": [], "warm": []} for v in variants
+    timings: dict[str, dict[str, list[float]]] = {
+        v.name: {"train": [], "eval": []} for v in variants
     }
+    counts: dict[str, list[dict[str, int | None]]] = {v.name: [] for v in variants}
     for variant in variants:  # untimed warm-up (allocator, kernel choice, compilation)
         steps[variant.name](train_batches[0])
         evals[variant.name]()
     for r in range(repeats):
         for variant in variants:  # interleaved: drifts of the machine hit every variant
-            s = samples[variant.name]
             step = functools.partial(steps[variant.name], train_batches[r + 1])
-            s["train"].append(timed(step, device))
-            fwd, bwd, warm = _iterations(variant)
-            s["fwd"].append(fwd)
-            s["bwd"].append(bwd)
-            s["warm"].append(warm)
-            s["eval"].append(timed(evals[variant.name], device))
+            timings[variant.name]["train"].append(timed(step, device))
+            counts[variant.name].append(_iterations(variant))
+            timings[variant.name]["eval"].append(timed(evals[variant.name], device))
     out = {}
-    for name, s in samples.items():
-        warm = [w for w in s["warm"] if w is not None]
-        out[name] = {
-            "train_ms": 1e3 * statistics.median(s["train"]),
-            "eval_ms": 1e3 * statistics.median(s["eval"]),
-            "fwd_it": statistics.median(s["fwd"]),
-            "bwd_it": statistics.median(s["bwd"]),
-            "warm_it": statistics.median(warm) if warm else None,
+    for name, t in timings.items():
+        row: dict[str, Any] = {
+            "train_ms": 1e3 * statistics.median(t["train"]),
+            "eval_ms": 1e3 * statistics.median(t["eval"]),
         }
+        for key in ("fwd", "bwd", "fwd_warm", "bwd_warm"):
+            values = [c[key] for c in counts[name] if c[key] is not None]
+            row[f"{key}_it"] = statistics.median(values) if values else None
+        out[name] = row
     return out

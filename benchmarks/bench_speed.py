@@ -12,7 +12,8 @@ with the speed options off; ``ours``: our defaults) and reports, in one process:
   ``model.eval()`` under ``torch.no_grad()``. Medians of ``--repeats``, the variants
   interleaved within each repeat. ``x paper``: the paper's median over the variant's.
 * ``fwd it`` / ``bwd it``: forward and backward iterations of the training step, summed
-  over the network's blocks (median); ``(n warm)``: of which in the low-precision warm start.
+  over the network's blocks (median); ``(n warm)``: of which in the low-precision warm start
+  (shown where one ran).
 * ``z* rel``: relative difference of the blocks' fixed points from the paper's (worst
   block), ``logits rel``: of the logits, ``same pred``: fraction of identical predictions,
   all on ``--test-samples`` test digits in eval mode; ``worst res``: the largest per-sample
@@ -105,9 +106,11 @@ def _fmt(value: Any, spec: str) -> str:
     return "-" if value is None else spec.format(value)
 
 
-def _iters(row: dict[str, Any]) -> str:
-    text = f"{row['fwd_it']:g}"
-    return text if row["warm_it"] is None else f"{text} ({row['warm_it']:g} warm)"
+def _iters(row: dict[str, Any], phase: str) -> str:
+    """``12`` or, with a warm start that ran, ``12 (4 warm)``."""
+    text = f"{row[f'{phase}_it']:g}"
+    warm = row[f"{phase}_warm_it"]
+    return f"{text} ({warm:g} warm)" if warm else text
 
 
 COLUMNS: tuple[tuple[str, Callable[[dict[str, Any]], str]], ...] = (
@@ -118,8 +121,8 @@ COLUMNS: tuple[tuple[str, Callable[[dict[str, Any]], str]], ...] = (
     ("eval ms", lambda r: _fmt(r["eval_ms"], "{:.1f}")),
     ("train x paper", lambda r: _fmt(r["train_x"], "{:.2f}x")),
     ("eval x paper", lambda r: _fmt(r["eval_x"], "{:.2f}x")),
-    ("fwd it", _iters),
-    ("bwd it", lambda r: f"{r['bwd_it']:g}"),
+    ("fwd it", lambda r: _iters(r, "fwd")),
+    ("bwd it", lambda r: _iters(r, "bwd")),
     ("z* rel", lambda r: _fmt(r["z_rel"], "{:.1e}")),
     ("logits rel", lambda r: _fmt(r["logits_rel"], "{:.1e}")),
     ("worst res", lambda r: _fmt(r["worst_residual"], "{:.1e}")),
