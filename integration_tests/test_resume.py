@@ -57,7 +57,9 @@ def test_sigint_then_resume_matches_an_uninterrupted_run(tmp_path: Path) -> None
     state = torch.load(broken / "last.pt", weights_only=True)  # usable, plain data
     assert state["epoch"] < 4
 
-    done = subprocess.run(_cli("train", "--out", str(broken), "--resume", "--no-progress"), env=_env(),
+    # plugins come from the command line, never from the checkpoint
+    done = subprocess.run(_cli("train", "--out", str(broken), "--resume", "--no-progress",
+                               "--plugin", "bench_tiny_models"), env=_env(),
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     a = torch.load(straight / "last.pt", weights_only=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ __all__ = [
     "CHECKPOINT_FORMAT",
     "CheckpointError",
     "atomic_write_bytes",
+    "copy_file_atomic",
     "load_checkpoint",
     "save_checkpoint",
 ]
@@ -33,7 +35,10 @@ def _atomic_replace(path: Path, write: Any) -> None:
     A crash (or Ctrl-C) at any moment leaves either the old file or the new one, never half.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise CheckpointError(_write_failure(path, exc)) from exc
     try:
         with os.fdopen(fd, "wb") as handle:
             write(handle)
@@ -41,10 +46,22 @@ def _atomic_replace(path: Path, write: Any) -> None:
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual mode
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        # torch.save reports a full disk as "enforce fail at inline_container.cc"; say it plainly
+        if isinstance(exc, (OSError, RuntimeError)) and not isinstance(exc, CheckpointError):
+            raise CheckpointError(_write_failure(path, exc)) from exc
         raise
+
+
+def _write_failure(path: Path, exc: BaseException) -> str:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return (
+        f"cannot write {path}: {first} -- is the disk full or the directory read-only? "
+        f"The previous {path.name} (if any) was kept; free some space and continue with "
+        "--resume"
+    )
 
 
 def _umask() -> int:
@@ -56,6 +73,12 @@ def _umask() -> int:
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     """Replace ``path`` with ``data`` atomically."""
     _atomic_replace(Path(path), lambda handle: handle.write(data))
+
+
+def copy_file_atomic(source: str | os.PathLike[str], target: str | os.PathLike[str]) -> None:
+    """Replace ``target`` with a copy of ``source`` atomically."""
+    with Path(source).open("rb") as handle:
+        _atomic_replace(Path(target), lambda out: shutil.copyfileobj(handle, out, 1 << 20))
 
 
 def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> None:
@@ -105,4 +128,19 @@ def load_checkpoint(
     missing = [key for key in _REQUIRED if key not in state]
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}")
+    config = state["config"]
+    named = isinstance(config, dict) and all(
+        isinstance(config.get(key), str) and config.get(key) for key in ("model", "dataset")
+    )
+    if not named:
+        found = sorted(config) if isinstance(config, dict) else type(config).__name__
+        raise CheckpointError(
+            f"checkpoint {path} has no usable config (it needs at least 'model' and 'dataset', "
+            f"found {found or 'an empty one'}), so the model cannot be rebuilt; use a last.pt or "
+            "best.pt written by pcdeq-bench train"
+        )
+    if isinstance(state["epoch"], bool) or not isinstance(state["epoch"], int):
+        raise CheckpointError(
+            f"checkpoint {path}: epoch must be an integer, got {state['epoch']!r}"
+        )
     return state

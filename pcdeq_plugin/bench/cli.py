@@ -143,6 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", dest="out_dir", help="run directory (checkpoints, metrics)")
     p.add_argument("--resume", action="store_true", default=None, help="continue OUT/last.pt")
     p.add_argument(
+        "--overwrite",
+        action="store_true",
+        default=None,
+        help="replace an earlier run in OUT (its checkpoints, metrics and summary) instead of "
+        "refusing to start",
+    )
+    p.add_argument(
         "--no-progress",
         dest="progress",
         action="store_false",
@@ -318,9 +325,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
         try:
             config = json.loads(args.config.read_text())
         except (OSError, json.JSONDecodeError) as exc:
-            raise _UsageError(f"cannot read --config {args.config}: {exc}") from exc
+            empty = isinstance(exc, json.JSONDecodeError) and not exc.doc.strip()
+            detail = "the file is empty" if empty else str(exc)
+            raise _UsageError(
+                f"cannot read --config {args.config}: {detail}; it must hold a JSON object of "
+                "config keys"
+            ) from exc
         if not isinstance(config, dict):
             raise _UsageError(f"--config {args.config} must hold a JSON object of config keys")
+        if not config:
+            raise _UsageError(
+                f"--config {args.config} holds an empty object: give at least one config key "
+                '(e.g. {"model": "pcdeq-linear-1", "epochs": 2}), or drop --config'
+            )
     config.update(
         _given(
             args,
@@ -332,6 +349,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 "seed",
                 "out_dir",
                 "resume",
+                "overwrite",
                 "progress",
                 *_RUN_KEYS,
             ),
@@ -340,6 +358,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     summary = run(config)
     slim = {k: v for k, v in summary.items() if k not in ("history", "config")}
     print(json.dumps(slim, indent=2))
+    if summary["status"] != "ok":  # "diverged": the message names the epoch and step
+        print(f"pcdeq-bench train: {summary['status']}: {summary['error']}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -371,8 +392,11 @@ def _cmd_compare(args: argparse.Namespace) -> int:
             plan = json.loads(plan_path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise _UsageError(f"cannot resume: {plan_path} is unreadable ({exc})") from exc
-    # on --resume, what is not given comes from the comparison being continued
-    options = {**plan.get("train_options", {}), **_given(args, _RUN_KEYS)}
+    # on --resume, what is not given comes from the comparison being continued -- except
+    # plugins: a file in a results directory never causes code to be imported
+    earlier = {k: v for k, v in plan.get("train_options", {}).items() if k != "plugins"}
+    options = {**earlier, **_given(args, _RUN_KEYS)}
+    _note_plan_plugins(plan, options.get("plugins") or [], plan_path)
     preset = args.preset if args.preset is not None else plan.get("preset", "small")
     report = compare(
         args.models,
@@ -390,7 +414,28 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         **options,
     )
     print(report["markdown"])
+    incomplete = report.get("incomplete") or {}
+    if incomplete:
+        counts = ", ".join(f"{n} {status}" for status, n in sorted(incomplete.items()))
+        print(
+            f"pcdeq-bench compare: incomplete ({counts}); continue with: "
+            f"pcdeq-bench compare --out {args.out_dir} --resume",
+            file=sys.stderr,
+        )
+        return 1
     return 0
+
+
+def _note_plan_plugins(plan: dict[str, Any], given: list[str], plan_path: Path) -> None:
+    named = [p for p in (plan.get("train_options") or {}).get("plugins") or [] if p not in given]
+    if named:
+        flags = " ".join(f"--plugin {name}" for name in named)
+        print(
+            f"pcdeq-bench compare: note: {plan_path} names plugin module(s) "
+            f"{', '.join(named)}; results files never import code, so pass {flags} again if "
+            "its models come from them",
+            file=sys.stderr,
+        )
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -409,8 +454,19 @@ class _UsageError(ValueError):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Console entry point; returns the exit status (2: bad input, 1: a run failed, 130: Ctrl-C)."""
+    """Console entry point; returns the exit status.
+
+    0: done; 1: a run failed or diverged, or a comparison is incomplete; 2: bad input;
+    130 / 143: stopped by SIGINT (Ctrl-C) / SIGTERM, after saving what can be resumed.
+    """
     args = build_parser().parse_args(argv)
+    from .runtime import sigterm_as_interrupt
+
+    with sigterm_as_interrupt():
+        return _main(args)
+
+
+def _main(args: argparse.Namespace) -> int:
     from pcdeq_plugin import PluginError, UnknownNameError
 
     from .checkpoint import CheckpointError
@@ -437,22 +493,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     ) as exc:
         print(f"pcdeq-bench {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        from .runtime import RunInterrupted
+
+        name = exc.signal_name if isinstance(exc, RunInterrupted) else "SIGINT"
+        code = exc.exit_code if isinstance(exc, RunInterrupted) else 130
         out = getattr(args, "out_dir", None)
         if args.command in ("train", "compare") and out:
             table = (
                 f"; table so far in {Path(out) / 'compare.md'}" if args.command == "compare" else ""
             )
             message = (
-                f"interrupted, checkpoint and metrics so far kept{table}; continue with: "
-                f"pcdeq-bench {args.command} --out {out} --resume"
+                f"interrupted by {name}, checkpoint and metrics so far kept{table}; continue "
+                f"with: pcdeq-bench {args.command} --out {out} --resume"
             )
         elif args.command == "train":
-            message = "interrupted (no --out, so nothing was saved)"
+            message = f"interrupted by {name} (no --out, so nothing was saved)"
         else:
-            message = "interrupted"
+            message = f"interrupted by {name}"
         print(f"pcdeq-bench {args.command}: {message}", file=sys.stderr)
-        return 130
+        return code
     except Exception as exc:
         print(f"pcdeq-bench {args.command}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1

@@ -7,6 +7,12 @@ Within a process, an exception in one run is recorded and the next seed still ru
 ``jobs > 1`` runs that many model processes side by side (one torch thread each): the
 comparison ends sooner, but each model's seconds then include competing for the cores.
 A worker's stderr (warnings, tracebacks) is kept in ``runs/<model>/worker.log``.
+
+Signals: workers run in their own session, so Ctrl-C in a terminal reaches only this
+process; SIGINT or SIGTERM to this process (to its PID alone, as ``kill`` or a scheduler
+sends it) is forwarded once to every running worker, which stops at a batch boundary and
+writes a resumable checkpoint. Each run ends as ok, failed, diverged, interrupted or not
+started; ``--resume`` continues the interrupted and not-started ones.
 """
 
 from __future__ import annotations
@@ -14,8 +20,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +35,8 @@ from .config import COMPARE_EPOCHS, RESUMABLE_OVERRIDES, ConfigError, TrainConfi
 from .datasets import SPLITS, dataset_info, ensure_registered, load_dataset
 from .metrics import write_json
 from .report import PLAN, write_report
+from .rundir import LOCK_NAME
+from .runtime import STOP_SIGNALS, RunInterrupted, sigterm_as_interrupt
 from .train import load_plugins_from_config, run
 
 __all__ = ["DEFAULT_EPOCHS", "DEFAULT_MODELS", "DEFAULT_SEEDS", "compare"]
@@ -88,6 +98,12 @@ class _Worker:
     process: subprocess.Popen
     log: Path
     started: float
+    wall_started: float
+
+    @property
+    def interrupted(self) -> bool:
+        """The worker stopped on SIGINT/SIGTERM (its exit code says so)."""
+        return self.process.returncode in (128 + signal.SIGINT, 128 + signal.SIGTERM)
 
     def error(self) -> str | None:
         """``None`` when the child exited normally, else its exit code and stderr tail."""
@@ -109,52 +125,78 @@ def _start_worker(model_dir: Path, model: str, configs: list[dict[str, Any]]) ->
     env.setdefault("OMP_NUM_THREADS", "1")
     log = model_dir / "worker.log"
     command = [sys.executable, "-m", "pcdeq_plugin.bench.compare", str(batch)]
-    # stderr goes to a file, not a pipe: several workers at once cannot block on a full pipe
+    # stderr goes to a file, not a pipe: several workers at once cannot block on a full pipe.
+    # Own session: a terminal's Ctrl-C reaches this process only, which forwards it once
+    # (a worker that got it twice would abort without its checkpoint).
     with log.open("a") as handle:
-        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=handle)
-    return _Worker(model, configs, process, log, time.perf_counter())
+        process = subprocess.Popen(
+            command,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=handle,
+            start_new_session=True,
+        )
+    return _Worker(model, configs, process, log, time.perf_counter(), time.time())
 
 
 def _run_workers(
     tasks: list[tuple[str, Path, list[dict[str, Any]]]],
     jobs: int,
     done: Any,
-) -> None:
+    stop: dict[str, Any],
+) -> tuple[str | None, list[tuple[str, Path, list[dict[str, Any]]]]]:
     """Run the per-model workers, at most ``jobs`` at a time; ``done(worker)`` as each ends.
 
-    On Ctrl-C the workers (same process group) stop at a batch boundary and write their
-    resumable checkpoints; wait for that instead of killing them.
+    SIGINT/SIGTERM to this process is forwarded to the running workers, no new worker
+    starts, and the running ones get :data:`_INTERRUPT_GRACE` seconds to write their
+    resumable checkpoints (then they are killed). ``stop`` gets the signal's ``"signal"``
+    name when one comes. Returns that name (``None``: none came) and the tasks that were
+    never started.
     """
     queue, running = list(tasks), []
+
+    def forward(signum: int, frame: Any) -> None:
+        stop.setdefault("signal", signal.Signals(signum).name)
+        stop.setdefault("deadline", time.monotonic() + _INTERRUPT_GRACE)
+        for worker in running:
+            with contextlib.suppress(ProcessLookupError):
+                worker.process.send_signal(signum)
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.signal(sig, forward) for sig in STOP_SIGNALS} if main_thread else {}
     try:
-        while queue or running:
-            while queue and len(running) < jobs:
+        while (queue and not stop) or running:
+            while queue and not stop and len(running) < jobs:
                 model, model_dir, configs = queue.pop(0)
                 running.append(_start_worker(model_dir, model, configs))
             time.sleep(0.1)
+            if stop and time.monotonic() > stop["deadline"]:
+                for worker in running:
+                    worker.process.kill()  # past the grace: its last checkpoint stays
             for worker in [w for w in running if w.process.poll() is not None]:
                 running.remove(worker)
                 done(worker)
-    except KeyboardInterrupt:
-        deadline = time.monotonic() + _INTERRUPT_GRACE
-        for worker in running:
-            try:
-                worker.process.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                worker.process.kill()
-        raise
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+    return stop.get("signal"), queue
 
 
-def _run_error(run_dir: Path, worker_error: str | None) -> str | None:
-    """What went wrong in one run, from the files it left (``None``: it finished)."""
-    summary = run_dir / "summary.json"
-    if summary.is_file():
-        data = json.loads(summary.read_text())
-        return None if data.get("status") == "ok" else str(data.get("error"))
-    error_file = run_dir / "error.txt"
-    if error_file.is_file():
-        return error_file.read_text()
-    return worker_error or "the run left no summary"
+def _run_outcome(run_dir: Path, since: float) -> tuple[str, str | None] | None:
+    """``(status, error)`` from the files a run wrote at or after ``since`` (a time stamp),
+    or ``None`` when it wrote none (a summary from an earlier session does not count)."""
+    for name in ("summary.json", "error.txt"):
+        path = run_dir / name
+        if not path.is_file() or path.stat().st_mtime < since - 1.0:
+            continue
+        if name == "error.txt":
+            return "failed", path.read_text()
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            return "failed", f"unreadable {path}: {exc}"
+        return str(data.get("status")), (None if data.get("status") == "ok" else data.get("error"))
+    return None
 
 
 def _check_preset(preset: str | None, models: list[str], info: dict[str, Any]) -> None:
@@ -302,9 +344,9 @@ def compare(
         raise ConfigError(
             f"reference model {reference!r} is not compared; choose one of {', '.join(models)}"
         )
-    forbidden = {"model", "seed", "out_dir", "resume", "preset", "epochs", "dataset"} & set(
-        train_options
-    )
+    forbidden = {
+        "model", "seed", "out_dir", "resume", "overwrite", "preset", "epochs", "dataset"
+    } & set(train_options)  # fmt: skip
     if forbidden:
         raise ConfigError(
             f"compare sets {', '.join(sorted(forbidden))} itself; pass them as compare arguments"
@@ -348,6 +390,7 @@ def compare(
         "train_options": train_options,
         "model_info": info,
         "failures": {},
+        "not_started": {},
     }
     write_json(out / PLAN, plan)
     started = time.perf_counter()
@@ -364,14 +407,33 @@ def compare(
         if pending:
             tasks.append((model, out / "runs" / model, pending))
 
-    def finished(model: str, pending: list[dict[str, Any]], worker_error: str | None) -> None:
+    def finished(
+        model: str,
+        pending: list[dict[str, Any]],
+        since: float,
+        worker_error: str | None = None,
+        stopped: bool = False,
+    ) -> None:
+        """Record each run's outcome; runs that wrote nothing this session are "not started"
+        when the worker was stopped by a signal (or stopped earlier, crashing on the run
+        before), and the first of them carries a crash's error otherwise."""
+        blamed = False
         for config in pending:
-            run_dir = Path(config["out_dir"])
-            error = _run_error(run_dir, worker_error)
-            if error is not None and not (run_dir / "summary.json").is_file():
-                plan["failures"].setdefault(model, {})[str(config["seed"])] = error
-            status = "ok" if error is None else f"FAILED ({error.splitlines()[0][:200]})"
-            say(f"[compare] {model} seed {config['seed']}: {status}")
+            run_dir, seed = Path(config["out_dir"]), str(config["seed"])
+            outcome = _run_outcome(run_dir, since)
+            if outcome is None and (stopped or blamed):
+                why = "the comparison was interrupted" if stopped else "its worker stopped earlier"
+                outcome = ("not started", why)
+            elif outcome is None:
+                outcome, blamed = ("failed", worker_error or "the run left no summary"), True
+            status, error = outcome
+            if status != "ok" and not (run_dir / "summary.json").is_file():
+                table = "not_started" if status == "not started" else "failures"
+                plan[table].setdefault(model, {})[seed] = str(error)
+            shown = (
+                "ok" if status == "ok" else f"{status.upper()} ({str(error).splitlines()[0][:200]})"
+            )
+            say(f"[compare] {model} seed {seed}: {shown}")
         write_json(out / PLAN, plan)
 
     for _model, _, pending in tasks:
@@ -381,19 +443,31 @@ def compare(
         if isolate:
 
             def done(worker: _Worker) -> None:
-                finished(worker.model, worker.configs, worker.error())
+                stopped = worker.interrupted or "signal" in interrupted
+                finished(worker.model, worker.configs, worker.wall_started, worker.error(), stopped)
                 seconds = time.perf_counter() - worker.started
                 say(f"[compare] {worker.model}: {len(worker.configs)} run(s) in {seconds:.1f}s")
 
             if jobs > 1:
                 say(f"[compare] {len(tasks)} model(s), {jobs} at a time")
-            _run_workers(tasks, jobs, done)
+            interrupted: dict[str, Any] = {}
+            name, never = _run_workers(tasks, jobs, done, interrupted)
+            for model, _, pending in never:
+                finished(model, pending, time.time(), stopped=True)
+            if name is not None:
+                raise RunInterrupted(name)
         else:
-            for model, _, pending in tasks:
-                tick = time.perf_counter()
-                for config in pending:
-                    _run_one(config)
-                finished(model, pending, None)
+            for index, (model, _, pending) in enumerate(tasks):
+                tick, since = time.perf_counter(), time.time()
+                try:
+                    for config in pending:
+                        _run_one(config)
+                except KeyboardInterrupt:
+                    finished(model, pending, since, stopped=True)
+                    for later, _, rest in tasks[index + 1 :]:
+                        finished(later, rest, time.time(), stopped=True)
+                    raise
+                finished(model, pending, since)
                 seconds = time.perf_counter() - tick
                 say(f"[compare] {model}: {len(pending)} run(s) in {seconds:.1f}s")
     except KeyboardInterrupt:
@@ -428,7 +502,7 @@ def _plan_run(
         if finished:
             say(f"[compare] {model} seed {seed}: finished earlier, reused")
             return None
-    attempted = run_dir.is_dir() and any(run_dir.iterdir())
+    attempted = run_dir.is_dir() and any(p.name != LOCK_NAME for p in run_dir.iterdir())
     if resume and attempted and not (run_dir / "last.pt").is_file():
         # a failed earlier attempt: keep it for inspection, start this seed afresh
         stamp = int(time.time())
@@ -445,16 +519,44 @@ def _plan_run(
     }
 
 
+def _watch_parent(parent: int) -> None:
+    """Stop this worker (as SIGTERM would: checkpoint, then exit) once its parent is gone
+    -- killed with -9, say -- instead of training on unobserved in its own session."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="compare-parent-watch", daemon=True).start()
+
+
 def _worker_main(argv: list[str]) -> int:
-    """``python -m pcdeq_plugin.bench.compare BATCH.json``: run the listed configs in order."""
+    """``python -m pcdeq_plugin.bench.compare BATCH.json``: run the listed configs in order.
+
+    Exits 0 when every run ended (ok or not); on SIGINT/SIGTERM the run in progress writes
+    its resumable checkpoint and the worker exits ``128 + signal`` without starting the
+    next one.
+    """
     configs = json.loads(Path(argv[0]).read_text())
-    for config in configs:
-        error = _run_one(config)
-        if error is not None:
-            print(
-                f"[compare worker] {config['model']} seed {config['seed']}: {error}",
-                file=sys.stderr,
-            )
+    _watch_parent(os.getppid())
+    with sigterm_as_interrupt():
+        for config in configs:
+            try:
+                error = _run_one(config)
+            except KeyboardInterrupt as exc:
+                name = exc.signal_name if isinstance(exc, RunInterrupted) else "SIGINT"
+                print(
+                    f"[compare worker] {config['model']} seed {config['seed']}: stopped by "
+                    f"{name}; later seeds not started",
+                    file=sys.stderr,
+                )
+                return 128 + int(getattr(signal, name))
+            if error is not None:
+                print(
+                    f"[compare worker] {config['model']} seed {config['seed']}: {error}",
+                    file=sys.stderr,
+                )
     return 0
 
 

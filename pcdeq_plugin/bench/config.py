@@ -7,6 +7,7 @@ recommendations < the checkpoint's config (``resume``) < what the caller gave.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,8 +56,24 @@ RESUMABLE_OVERRIDES: frozenset[str] = frozenset(
         "download",
         "plugins",
         "test_batch_size",
+        "overwrite",
     }
 )
+
+# Above this a "learning rate" is a typo: weights move by ~lr per step and overflow float32
+# within a few steps. (1e8 is still accepted: that run ends with status "diverged".)
+MAX_LR = 1e10
+# torch, NumPy and the loaders' (seed, epoch) generators all accept seeds in this range.
+MAX_SEED = 2**32 - 1
+
+
+def _is_int(value: Any) -> bool:
+    """An integer that is not a bool (``True`` is an ``int`` in Python, not an epoch count)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class ConfigError(ValueError):
@@ -93,6 +110,8 @@ class TrainConfig:
         workers: DataLoader worker processes.
         out_dir: Run directory (checkpoints, metrics); ``None`` writes nothing.
         resume: Continue from ``out_dir/last.pt``.
+        overwrite: Replace an earlier run in ``out_dir`` (its checkpoints, metrics and
+            summary; nothing else there is touched) instead of refusing to start.
         progress: Show tqdm bars (``None``: only on a terminal).
         plugins: Extra plugin modules to add by import path (``pkg.module``).
     """
@@ -121,6 +140,7 @@ class TrainConfig:
     workers: int = 0
     out_dir: str | None = None
     resume: bool = False
+    overwrite: bool = False
     progress: bool | None = None
     plugins: list[str] = field(default_factory=list)
 
@@ -188,36 +208,47 @@ class TrainConfig:
         )
         for key in ("epochs", "batch_size"):
             value = getattr(self, key)
-            need(
-                isinstance(value, int) and value >= 1,
-                f"{key} must be an integer >= 1, got {value!r}",
-            )
+            need(_is_int(value) and value >= 1, f"{key} must be an integer >= 1, got {value!r}")
         for key in ("train_limit", "test_limit", "test_batch_size"):
             value = getattr(self, key)
             need(
-                value is None or (isinstance(value, int) and value >= 1),
+                value is None or (_is_int(value) and value >= 1),
                 f"{key} must be an integer >= 1 or None, got {value!r}",
             )
         need(
-            isinstance(self.workers, int) and self.workers >= 0,
-            f"workers must be >= 0, got {self.workers!r}",
-        )
-        need(isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}")
-        need(
-            isinstance(self.lr, (int, float)) and self.lr > 0,
-            f"lr must be positive, got {self.lr!r}",
+            _is_int(self.workers) and self.workers >= 0,
+            f"workers must be an integer >= 0, got {self.workers!r}",
         )
         need(
-            isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0,
-            f"weight_decay must be >= 0, got {self.weight_decay!r}",
+            _is_int(self.seed) and 0 <= self.seed <= MAX_SEED,
+            f"seed must be an integer from 0 to 2**32 - 1 = {MAX_SEED}, got {self.seed!r}",
         )
         need(
-            self.milestone is None or (isinstance(self.milestone, int) and self.milestone >= 0),
+            _is_number(self.lr) and 0 < self.lr < MAX_LR,
+            f"lr must be a finite number in (0, {MAX_LR:g}), got {self.lr!r}",
+        )
+        need(
+            _is_number(self.weight_decay) and self.weight_decay >= 0,
+            f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}",
+        )
+        need(
+            self.milestone is None or (_is_int(self.milestone) and self.milestone >= 0),
             f"milestone must be an integer >= 0 or None, got {self.milestone!r}",
         )
         need(
-            isinstance(self.gamma, (int, float)) and 0 < self.gamma <= 1,
+            _is_number(self.gamma) and 0 < self.gamma <= 1,
             f"gamma must be in (0, 1], got {self.gamma!r}",
+        )
+        for key in ("download", "augment", "deterministic", "resume", "overwrite"):
+            value = getattr(self, key)
+            need(isinstance(value, bool), f"{key} must be true or false, got {value!r}")
+        need(
+            self.progress is None or isinstance(self.progress, bool),
+            f"progress must be true, false or None, got {self.progress!r}",
+        )
+        need(
+            self.preset is None or (isinstance(self.preset, str) and bool(self.preset)),
+            f"preset must be a name or None, got {self.preset!r}",
         )
         need(
             isinstance(self.plugins, list) and all(isinstance(p, str) for p in self.plugins),
@@ -226,6 +257,11 @@ class TrainConfig:
         need(
             not (self.resume and not self.out_dir),
             "resume needs out_dir (the run directory to continue)",
+        )
+        need(
+            not (self.resume and self.overwrite),
+            "resume and overwrite contradict each other: --resume continues the run in --out, "
+            "--overwrite replaces it; pass one of them",
         )
 
 

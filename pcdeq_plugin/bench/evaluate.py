@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,13 +13,14 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from pcdeq_plugin import build_model
+from pcdeq_plugin import UnknownNameError, build_model
+from pcdeq_plugin.registry import MODELS
 
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import ConfigError
 from .datasets import dataset_info, ensure_registered, load_dataset
 from .metrics import EpochMeter, solve_summary
-from .resolve import load_plugins_from_config
+from .resolve import checkpoint_plugins_note, load_plugins_from_config
 from .runtime import DistContext, autocast, select_device
 
 __all__ = ["evaluate", "evaluate_checkpoint"]
@@ -99,10 +101,28 @@ def evaluate_checkpoint(
         CheckpointError: missing, corrupt or foreign checkpoint.
         ConfigError: the dataset does not fit the model.
     """
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ConfigError(f"test_limit must be an integer >= 1 (images to score), got {limit!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     state = load_checkpoint(path)
     config = dict(state["config"])
-    load_plugins_from_config(list(config.get("plugins", [])) + list(plugins or []))
+    # only the plugins given here are imported: a checkpoint never causes code to run
+    load_plugins_from_config(list(plugins or []))
     ensure_registered()
+    note = checkpoint_plugins_note(list(config.get("plugins") or []), Path(path))
+    try:
+        MODELS.get(config["model"])
+    except UnknownNameError as exc:
+        raise UnknownNameError(f"{exc}; {note}" if note else str(exc)) from None
+    if note:
+        print(f"pcdeq-bench: note: {note}", file=sys.stderr, flush=True)
+    trained = (state.get("identity") or {}).get("model")
+    if trained is not None and trained != config["model"]:
+        raise CheckpointError(
+            f"checkpoint {path} holds weights of model {trained!r} but its config names "
+            f"{config['model']!r} (a hand-edited or mixed-up file); it was not evaluated"
+        )
     name = dataset or config["dataset"]
     trained_on, target = dataset_info(config["dataset"]), dataset_info(name)
     if (trained_on.input_shape, trained_on.num_classes) != (target.input_shape, target.num_classes):

@@ -117,13 +117,20 @@ def _training_of(config: dict[str, Any] | None) -> str | None:
     return text + (f", lr x{gamma:g} after epoch {milestone}" if milestone else "")
 
 
-def _status(ok: list[Any], errors: list[str], entries: list[dict[str, Any]]) -> str:
-    """ok (every run finished), partial (some did), interrupted (Ctrl-C, none finished yet)
-    or failed."""
+#: Run statuses that a ``compare --resume`` continues (the comparison is incomplete).
+INCOMPLETE = ("interrupted", "not started")
+
+
+def _status(ok: list[Any], errors: list[str], statuses: list[str]) -> str:
+    """ok (every run finished), partial (some did), interrupted (stopped by a signal or never
+    started, none finished yet: ``--resume`` continues), diverged, or failed."""
     if ok:
         return "partial" if errors else "ok"
-    stopped = [r for r in entries if r.get("status") == "interrupted"]
-    return "interrupted" if stopped and len(stopped) == len(errors) else "failed"
+    if statuses and all(s in INCOMPLETE for s in statuses):
+        return "interrupted"
+    if statuses and all(s == "diverged" for s in statuses):
+        return "diverged"
+    return "failed"
 
 
 def aggregate(
@@ -158,7 +165,12 @@ def aggregate(
             f"seed {r.get('seed')}: {r.get('error')}" for r in entries if r.get("status") != "ok"
         ]
         errors += [f"seed {seed}: {msg}" for seed, msg in planned_failures.get(model, {}).items()]
-        total = len(entries) + len(planned_failures.get(model, {}))
+        waiting = plan.get("not_started", {}).get(model, {})
+        errors += [f"seed {seed}: not started ({why})" for seed, why in waiting.items()]
+        statuses = [str(r.get("status")) for r in entries if r.get("status") != "ok"]
+        statuses += ["failed"] * len(planned_failures.get(model, {}))
+        statuses += ["not started"] * len(waiting)
+        total = len(entries) + len(planned_failures.get(model, {})) + len(waiting)
         acc_mean, acc_std = _mean_std([r["test_acc"] for r in ok if r.get("test_acc") is not None])
         first = (ok or entries or [{}])[0]
         mems = [r["peak_mem_mb"] for r in ok if r.get("peak_mem_mb") is not None]
@@ -167,7 +179,8 @@ def aggregate(
                 "model": model,
                 "family": first.get("family", info.get("family")),
                 "preset": first.get("preset", info.get("preset")),
-                "status": _status(ok, errors, entries),
+                "status": _status(ok, errors, statuses),
+                "incomplete": sum(1 for status in statuses if status in INCOMPLETE),
                 "runs": total,
                 "ok": len(ok),
                 "seeds": [r.get("seed") for r in ok],
@@ -261,7 +274,7 @@ def render_markdown(rows: list[dict[str, Any]], meta: dict[str, Any] | None = No
             notes.append(f"- `{row['model']}`: not registered ({row.get('error')})")
         else:
             acc = (
-                ("interrupted" if row["status"] == "interrupted" else "failed")
+                (row["status"] if row["status"] in ("interrupted", "diverged") else "failed")
                 if row["test_acc_mean"] is None
                 else (f"{100 * row['test_acc_mean']:.2f} ± {100 * row['test_acc_std']:.2f}")
             )
@@ -523,6 +536,14 @@ def write_report(
         ) from exc
     slim_runs = [{k: v for k, v in r.items() if k not in ("history", "config")} for r in runs]
     report = {"meta": {**plan, "reference": chosen}, "rows": rows, "runs": slim_runs}
+    incomplete: dict[str, int] = {}
+    for run in runs:
+        if run.get("status") == "interrupted":
+            incomplete["interrupted"] = incomplete.get("interrupted", 0) + 1
+    waiting = sum(len(seeds) for seeds in plan.get("not_started", {}).values())
+    if waiting:
+        incomplete["not started"] = waiting
+    report["incomplete"] = incomplete
     write_json(results / "compare.json", report)
     report["markdown"] = markdown
     report["plots"] = [str(p) for p in write_plots(results, runs, rows)] if plots else []

@@ -7,38 +7,67 @@ config (``resume``) < what the caller gave.
 from __future__ import annotations
 
 import importlib
-import os
+import sys
 from pathlib import Path
 from typing import Any
 
-from pcdeq_plugin import add_plugin
+from pcdeq_plugin import UnknownNameError, add_plugin, plugin_report
 from pcdeq_plugin.registry import MODELS
 
 from .checkpoint import load_checkpoint
 from .config import RESUMABLE_OVERRIDES, TRAINING_KEYS, ConfigError, TrainConfig, defaults
 from .datasets import dataset_info
+from .rundir import BEST, LAST, RUN_FILES, describe_leftover
 
 __all__ = [
     "BEST",
     "LAST",
     "load_plugins_from_config",
-    "prepare_out_dir",
+    "plugins_not_loaded",
     "resolve_config",
     "training_recipe",
 ]
 
-LAST = "last.pt"
-BEST = "best.pt"
-
 
 def load_plugins_from_config(modules: list[str]) -> None:
-    """Add plugin modules named by import path (besides installed entry points)."""
+    """Add plugin modules named by import path (``--plugin``; besides installed entry points).
+
+    Only what the caller names is imported: never the plugins a checkpoint's config lists.
+    """
     for module_name in modules:
         try:
             module = importlib.import_module(module_name)
         except ImportError as exc:
-            raise ConfigError(f"cannot import plugin module {module_name!r}: {exc}") from exc
+            raise ConfigError(
+                f"cannot import plugin module {module_name!r} (given with --plugin): {exc}; "
+                "check the name and that its directory is on PYTHONPATH"
+            ) from exc
+        except Exception as exc:  # the module itself raised while being imported
+            raise ConfigError(
+                f"plugin module {module_name!r} (given with --plugin) raised "
+                f"{type(exc).__name__}: {exc} while being imported; fix that module or drop "
+                f"--plugin {module_name}"
+            ) from exc
         add_plugin(module, module_name)
+
+
+def plugins_not_loaded(named: list[str]) -> list[str]:
+    """Which of the plugin modules a checkpoint names are not loaded in this process."""
+    loaded = {r.name for r in plugin_report() if r.status == "loaded"}
+    return [name for name in named if name not in loaded]
+
+
+def checkpoint_plugins_note(named: list[str], path: Path) -> str | None:
+    """The sentence that says a checkpoint's plugins were not loaded, or ``None``."""
+    missing = plugins_not_loaded(named)
+    if not missing:
+        return None
+    flags = " ".join(f"--plugin {name}" for name in missing)
+    return (
+        f"{path} was trained with plugin module(s) {', '.join(missing)}, which are not loaded: "
+        f"a checkpoint never imports code; pass {flags} (or install them as entry points) if "
+        "its model comes from them"
+    )
 
 
 def training_recipe(training: dict[str, Any], dataset: str) -> dict[str, Any]:
@@ -64,14 +93,20 @@ def resolve_config(given: dict[str, Any]) -> tuple[TrainConfig, dict[str, Any] |
         The validated config and the checkpoint to resume from (``None`` for a fresh run).
     """
     TrainConfig.check_keys(given)
+    if given.get("resume") and given.get("overwrite"):
+        raise ConfigError(
+            "resume and overwrite contradict each other: --resume continues the run in --out, "
+            "--overwrite replaces it; pass one of them"
+        )
     load_plugins_from_config(list(given.get("plugins", [])))
     merged = defaults()
     checkpoint = None
     if given.get("resume"):
         if not given.get("out_dir"):
             raise ConfigError("resume needs out_dir (the run directory to continue)")
-        checkpoint = load_checkpoint(Path(given["out_dir"]) / LAST)
+        checkpoint = _resume_point(Path(given["out_dir"]))
         saved = dict(checkpoint["config"])
+        saved.pop("overwrite", None)  # how that run started, not part of the experiment
         conflicts = sorted(
             k for k in given if k not in RESUMABLE_OVERRIDES and k in saved and given[k] != saved[k]
         )
@@ -83,7 +118,13 @@ def resolve_config(given: dict[str, Any]) -> tuple[TrainConfig, dict[str, Any] |
                 f"cannot resume with a different experiment ({detail}); only "
                 f"{', '.join(sorted(RESUMABLE_OVERRIDES))} may change on resume"
             )
-        load_plugins_from_config(list(saved.get("plugins", [])))
+        note = checkpoint_plugins_note(list(saved.get("plugins") or []), Path(given["out_dir"]))
+        if note is not None:
+            try:
+                MODELS.get(saved.get("model", ""))
+            except UnknownNameError as exc:
+                raise UnknownNameError(f"{exc}; {note}") from None
+            print(f"pcdeq-bench: note: {note}", file=sys.stderr, flush=True)
         merged.update(saved)
     else:
         spec = MODELS.get(given.get("model", merged["model"]))
@@ -99,22 +140,17 @@ def resolve_config(given: dict[str, Any]) -> tuple[TrainConfig, dict[str, Any] |
     return config, checkpoint
 
 
-def prepare_out_dir(config: TrainConfig, resuming: bool) -> Path | None:
-    if config.out_dir is None:
-        return None
-    out = Path(config.out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-probe-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
+def _resume_point(out: Path) -> dict[str, Any]:
+    """``out/last.pt``, or an error that says why there is none and what to do."""
+    if not (out / LAST).exists():
+        leftovers = [name for name in RUN_FILES if (out / name).exists()]
+        if leftovers:
+            raise ConfigError(
+                f"cannot resume {out}: the run there ended before its first checkpoint "
+                f"({describe_leftover(out)}), so there is no {LAST}; start it again with "
+                "--overwrite (instead of --resume)"
+            )
         raise ConfigError(
-            f"output directory {out} is not writable ({exc}); choose another --out"
-        ) from exc
-    if not resuming and any((out / name).exists() for name in (LAST, "metrics.jsonl")):
-        raise ConfigError(
-            f"{out} already holds a run (found {LAST} or metrics.jsonl); pass --resume to continue "
-            "it or choose another --out directory (nothing was overwritten)"
+            f"cannot resume {out}: it holds no run (no {LAST}); drop --resume to start one there"
         )
-    return out
+    return load_checkpoint(out / LAST)

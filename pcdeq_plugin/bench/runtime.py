@@ -19,7 +19,9 @@ import torch.distributed as dist
 from .config import ConfigError
 
 __all__ = [
+    "STOP_SIGNALS",
     "DistContext",
+    "RunInterrupted",
     "StopFlag",
     "autocast",
     "get_rng_state",
@@ -31,6 +33,7 @@ __all__ = [
     "seed_everything",
     "set_deterministic",
     "set_rng_state",
+    "sigterm_as_interrupt",
 ]
 
 
@@ -228,11 +231,37 @@ def peak_memory(device: torch.device) -> tuple[float, str]:
     return mib, "cpu_rss_high_water"
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """A run stopped by SIGINT (Ctrl-C) or SIGTERM (what schedulers send before a kill).
+
+    A ``KeyboardInterrupt``, so every handler of Ctrl-C handles both; ``signal_name`` says
+    which one arrived and :attr:`exit_code` is the shell's ``128 + signal number``.
+    """
+
+    def __init__(self, signal_name: str = "SIGINT") -> None:
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + int(getattr(signal, self.signal_name, signal.SIGINT))
+
+
+#: The signals that ask a run to stop and save a resumable checkpoint.
+STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM)
+
+
 class StopFlag:
-    """First Ctrl-C asks the loop to stop at the next batch boundary; the second one aborts."""
+    """The first SIGINT or SIGTERM asks the loop to stop at the next batch boundary (it then
+    saves a resumable checkpoint); a second one aborts at once, keeping the previous one."""
 
     def __init__(self) -> None:
         self.requested = False
+        self.signal_name = "SIGINT"
+
+    def interrupt(self) -> RunInterrupted:
+        """The exception to raise at the batch boundary."""
+        return RunInterrupted(self.signal_name)
 
     @contextlib.contextmanager
     def installed(self, enabled: bool) -> Iterator[None]:
@@ -241,12 +270,33 @@ class StopFlag:
             return
 
         def handler(signum: int, frame: Any) -> None:
+            name = signal.Signals(signum).name
             if self.requested:
-                raise KeyboardInterrupt
-            self.requested = True
+                raise RunInterrupted(name)
+            self.requested, self.signal_name = True, name
 
-        previous = signal.signal(signal.SIGINT, handler)
+        previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
         try:
             yield
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM takes the path of Ctrl-C (a :class:`RunInterrupted`) outside the training
+    loop too (setup, evaluation of a checkpoint, between the runs of a compare worker);
+    inside the loop :class:`StopFlag` turns either into a stop at the next batch boundary."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise RunInterrupted("SIGTERM")
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

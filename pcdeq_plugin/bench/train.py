@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,18 +24,20 @@ from .checkpoint import CheckpointError, save_checkpoint
 from .config import ConfigError, TrainConfig
 from .datasets import dataset_info, ensure_registered, load_dataset
 from .evaluate import evaluate, model_solve_summary, progress_disabled, reset_solver_stats
+from .guards import (
+    check_batchnorm_batch,
+    check_finite_batch,
+    check_has_batches,
+    divergence_message,
+    loss_is_finite,
+)
 from .loaders import test_loader, train_loader
 from .metrics import EpochMeter, run_summary, write_history, write_json
-from .resolve import (
-    BEST,
-    LAST,
-    load_plugins_from_config,
-    prepare_out_dir,
-    resolve_config,
-    training_recipe,
-)
+from .resolve import load_plugins_from_config, resolve_config, training_recipe
+from .rundir import RunDirectory
 from .runtime import (
     DistContext,
+    RunInterrupted,
     StopFlag,
     autocast,
     check_amp,
@@ -81,8 +82,13 @@ def run(
         ConfigError: bad or conflicting configuration, unwritable output directory.
         UnknownNameError: unknown model or dataset name.
         DatasetNotFoundError: data missing on disk without ``download``.
-        CheckpointError: ``resume`` with a missing or corrupt checkpoint (left untouched).
-        KeyboardInterrupt: after writing a resumable checkpoint and the metrics so far.
+        CheckpointError: ``resume`` with a missing or corrupt checkpoint (left untouched),
+            or a checkpoint that cannot be written (disk full).
+        KeyboardInterrupt: (a :class:`~pcdeq_plugin.bench.runtime.RunInterrupted`) SIGINT or
+            SIGTERM, after writing a resumable checkpoint and the metrics so far.
+
+    A NaN or infinite training loss stops the run with status ``"diverged"`` (returned, not
+    raised): the last good checkpoint is kept and ``error`` names the epoch and step.
     """
     ensure_registered()
     cfg, checkpoint = resolve_config(config)
@@ -103,20 +109,31 @@ def _run(
     device = select_device(cfg.device)
     check_amp(cfg.amp, device)
     set_deterministic(cfg.deterministic)
-    out = prepare_out_dir(cfg, checkpoint is not None) if ctx.is_main else None
     info = dataset_info(cfg.dataset)
     common = {"data_dir": cfg.data_dir, "download": cfg.download, "augment": cfg.augment}
     train_set = load_dataset(cfg.dataset, "train", limit=cfg.train_limit, **common)
     test_set = load_dataset(cfg.dataset, "test", limit=cfg.test_limit, **common)
-    seed_everything(cfg.seed)
-    model = _build(cfg, info.input_shape, info.num_classes)
-    trainer = _Trainer(cfg, ctx, device, model, out)
-    if checkpoint is not None:
-        trainer.restore(checkpoint)
-    elif out is not None:
-        write_json(out / "config.json", cfg.to_dict())
-    trainer.wrap_for_ddp()
-    return trainer.fit(train_set, test_set, on_epoch, on_batch)
+    check_has_batches(len(train_set), cfg, ctx)  # type: ignore[arg-type]
+    resuming = checkpoint is not None
+    # nothing is written before this point: bad options and missing data leave no trace
+    with RunDirectory.open(
+        cfg.out_dir, resuming=resuming, overwrite=cfg.overwrite, enabled=ctx.is_main
+    ) as out:
+        if out is not None and resuming:
+            checkpoint = out.reread()  # as it is now that this run holds the lock
+            out.reconcile(checkpoint)
+        seed_everything(cfg.seed)
+        model = _build(cfg, info.input_shape, info.num_classes)
+        check_batchnorm_batch(model, cfg)
+        trainer = _Trainer(cfg, ctx, device, model, out)
+        if checkpoint is not None:
+            trainer.restore(checkpoint)
+            if out is not None:
+                write_history(out.path, trainer.history)  # metrics agree with the checkpoint
+        elif out is not None:
+            write_json(out.path / "config.json", cfg.to_dict())
+        trainer.wrap_for_ddp()
+        return trainer.fit(train_set, test_set, on_epoch, on_batch)
 
 
 class _Trainer:
@@ -134,7 +151,7 @@ class _Trainer:
         ctx: DistContext,
         device: torch.device,
         model: nn.Module,
-        out: Path | None,
+        out: RunDirectory | None,
     ) -> None:
         self.cfg, self.ctx, self.device, self.out = cfg, ctx, device, out
         model.to(device)
@@ -164,6 +181,13 @@ class _Trainer:
 
     # -- checkpoints -------------------------------------------------------------------
     def restore(self, checkpoint: dict[str, Any]) -> None:
+        trained = (checkpoint.get("identity") or {}).get("model")
+        if trained is not None and trained != self.cfg.model:
+            raise CheckpointError(
+                f"the checkpoint in {self.cfg.out_dir} holds weights of model {trained!r} but "
+                f"its config names {self.cfg.model!r} (a hand-edited or mixed-up file); it was "
+                "left untouched -- restore the original last.pt or start a new run"
+            )
         try:
             self.inner.load_state_dict(checkpoint["model"])
         except RuntimeError as exc:
@@ -222,7 +246,9 @@ class _Trainer:
                 for epoch in range(self.epoch, cfg.epochs):
                     self._start_epoch(epoch)
                     loader = train_loader(train_set, cfg, self.ctx, epoch, self.step, pin)
-                    self._train(loader, stop, on_batch)
+                    diverged = self._train(loader, stop, on_batch)
+                    if diverged is not None:
+                        return self.finish("diverged", diverged)
                     tick = time.perf_counter()
                     test = evaluate(
                         self.model, eval_loader, self.device, cfg.amp, self.ctx, cfg.progress
@@ -231,21 +257,22 @@ class _Trainer:
                     if on_epoch is not None:
                         on_epoch(dict(row, **self.identity))
                     if stop.requested:
-                        raise KeyboardInterrupt
-        except KeyboardInterrupt:
+                        raise stop.interrupt()
+        except KeyboardInterrupt as exc:
             epoch_saved = len(self.history) > self.epoch  # its row and checkpoint are written
             if self.out is not None and self.consistent and not epoch_saved:
                 if self.training:
                     self.train_seconds += time.perf_counter() - self.tick
                 # a mid-epoch checkpoint: resume skips the `step` batches already trained
                 save_checkpoint(
-                    self.out / LAST,
+                    self.out.last,
                     self.state(self.epoch, self.step, self.meter, self.train_seconds),
                 )
-            self.finish("interrupted", "KeyboardInterrupt")
+            name = exc.signal_name if isinstance(exc, RunInterrupted) else "SIGINT"
+            self.finish("interrupted", f"interrupted by {name}", quiet=True)
             raise
         except Exception as exc:
-            self.finish("failed", f"{type(exc).__name__}: {exc}")
+            self.finish("failed", f"{type(exc).__name__}: {exc}", quiet=True)
             raise
         self.ctx.barrier()
         return self.finish("ok")
@@ -262,7 +289,11 @@ class _Trainer:
         reset_peak_memory(self.device)
         self.lr = self.optimizer.param_groups[0]["lr"]
 
-    def _train(self, loader: DataLoader, stop: StopFlag, on_batch: BatchCallback | None) -> None:
+    def _train(
+        self, loader: DataLoader, stop: StopFlag, on_batch: BatchCallback | None
+    ) -> str | None:
+        """One epoch from ``self.step``; returns the divergence message if the loss went
+        NaN/Inf (before that step changed anything), else ``None``."""
         cfg, model, inner, device = self.cfg, self.model, self.inner, self.device
         model.train()
         self.tick, self.training = time.perf_counter(), True
@@ -273,6 +304,7 @@ class _Trainer:
             disable=progress_disabled(cfg.progress, self.ctx),
         )
         for x, y in bar:
+            check_finite_batch(x, self.epoch, self.step, cfg.dataset)
             self.consistent = False
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             reset_solver_stats(inner)
@@ -280,6 +312,13 @@ class _Trainer:
             with autocast(cfg.amp, device):
                 logits = model(x)
             loss = F.cross_entropy(logits.float(), y)
+            if not loss_is_finite(loss, self.ctx, device):
+                # stop before backward: the weights are still those of the previous step
+                self.consistent, self.training = True, False
+                where = str(self.out.last) if self.out is not None else ""
+                return divergence_message(
+                    self.epoch, self.step, len(loader), float(loss), len(self.history), where
+                )
             if self.scaler is not None:
                 self.scaler.scale(loss).backward()
                 self.scaler.step(self.optimizer)
@@ -295,9 +334,10 @@ class _Trainer:
             if on_batch is not None:
                 on_batch(self.epoch, self.step)
             if stop.requested:
-                raise KeyboardInterrupt
+                raise stop.interrupt()
         self.train_seconds += time.perf_counter() - self.tick
         self.training = False
+        return None
 
     def _end_epoch(self, test: dict[str, Any], test_seconds: float) -> dict[str, Any]:
         train = self.meter.reduce(self.ctx.all_reduce_sum, self.device).result("")
@@ -332,21 +372,24 @@ class _Trainer:
         if improved:
             self.best = {"epoch": self.epoch + 1, "test_acc": test["test_acc"]}
         if self.out is not None:
-            snapshot = self.state(self.epoch + 1, 0, None, 0.0)
-            save_checkpoint(self.out / LAST, snapshot)
-            if improved:
-                save_checkpoint(self.out / BEST, snapshot)
-            write_history(self.out, self.history)
+            self.out.commit_epoch(self.state(self.epoch + 1, 0, None, 0.0), improved)
+            write_history(self.out.path, self.history)
         self.consistent = True
         return row
 
-    def finish(self, status: str, error: str | None = None) -> dict[str, Any]:
+    def finish(self, status: str, error: str | None = None, quiet: bool = False) -> dict[str, Any]:
+        """Write the summary; ``quiet``: on the way out of an error, whose message matters
+        more than a second one about the summary (e.g. on a full disk)."""
         summary = run_summary(
             self.identity, self.history, self.best, status, error, self.cfg.to_dict()
         )
         if self.out is not None:
-            write_history(self.out, self.history)
-            write_json(self.out / "summary.json", summary)
+            try:
+                write_history(self.out.path, self.history)
+                write_json(self.out.path / "summary.json", summary)
+            except CheckpointError:
+                if not quiet:
+                    raise
         return summary
 
 

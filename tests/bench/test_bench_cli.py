@@ -179,21 +179,26 @@ def test_compare_resume_needs_only_out(tiny_plugin: str, tmp_path: Path, capsys)
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["train", "--model", "x"], "interrupted (no --out, so nothing was saved)"),
-        (["train", "--out", "R"], "checkpoint and metrics so far kept; continue with: "
-         "pcdeq-bench train --out R --resume"),
+        (["train", "--model", "x"], "interrupted by SIGINT (no --out, so nothing was saved)"),
+        (["train", "--out", "R"], "interrupted by SIGINT, checkpoint and metrics so far kept; "
+         "continue with: pcdeq-bench train --out R --resume"),
         (["compare", "--out", "C"], "table so far in C/compare.md; continue with: "
          "pcdeq-bench compare --out C --resume"),
-        (["report", "C"], "pcdeq-bench report: interrupted\n"),
+        (["report", "C"], "pcdeq-bench report: interrupted by SIGINT\n"),
     ],
 )  # fmt: skip
-def test_ctrl_c_messages(monkeypatch, capsys, argv: list[str], message: str) -> None:
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_and_sigterm_messages(
+    monkeypatch, capsys, argv: list[str], message: str, signal_name: str
+) -> None:
     from pcdeq_plugin.bench import cli
+    from pcdeq_plugin.bench.runtime import RunInterrupted
 
     def interrupted(args) -> int:
-        raise KeyboardInterrupt
+        raise KeyboardInterrupt if signal_name == "SIGINT" else RunInterrupted(signal_name)
 
     for name in ("_cmd_train", "_cmd_compare", "_cmd_report"):
         monkeypatch.setattr(cli, name, interrupted)
-    assert main(argv) == 130
-    assert message.replace("/", os.sep) in capsys.readouterr().err
+    assert main(argv) == {"SIGINT": 130, "SIGTERM": 143}[signal_name]
+    expected = message.replace("SIGINT", signal_name).replace("/", os.sep)
+    assert expected in capsys.readouterr().err
