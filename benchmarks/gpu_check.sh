@@ -72,6 +72,17 @@ run_step "pcdeq-bench compare (1 epoch, bf16)" 170 "$RESULTS/compare.log" \
     "$PY" -m pcdeq_plugin.bench.cli compare --device cuda --amp bf16 --dataset mnist5k \
     --epochs 1 --seeds 0 --in-process --no-plots --out "$RESULTS/compare"
 
+# compare exits 0 even when some runs failed (it reports them in its table): check here
+run_step "compare: every run ok" 30 "$RESULTS/compare_runs.log" \
+    "$PY" - "$RESULTS/compare/compare.json" <<'EOF'
+import json
+import sys
+rows = json.load(open(sys.argv[1]))["rows"]
+bad = [f"{r['model']}: {r['ok']}/{r['runs']} ok ({r['status']})" for r in rows if r["ok"] < r["runs"]]
+print("\n".join(bad) or f"all {len(rows)} models ran")
+sys.exit(1 if bad or not rows else 0)
+EOF
+
 echo
 echo "## GPU check ($(date -u +%Y-%m-%d), $("$PY" -c 'import torch; print(torch.cuda.get_device_name(0))'))"
 echo

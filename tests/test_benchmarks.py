@@ -243,3 +243,22 @@ def test_bench_speed_parses_cases_and_threads():
     ]
     assert args.threads[0] == 1 and args.threads[-1] == bench.all_threads()
     assert bench.parse_args(["--option", "warm_tol=0.02"]).options == {"warm_tol": 0.02}
+
+
+@pytest.mark.slow
+def test_accuracy_fast_vs_plain_trains_both_paths(capsys, monkeypatch):
+    script = load_script("accuracy_fast_vs_plain")
+    argv = ["--epochs", "1", "--seeds", "0", "--train-limit", "64", "--test-limit", "32"]
+    if not script.plain_options(script.Case(script.MODEL, (1, 28, 28))):
+        with pytest.raises(SystemExit, match="nothing to compare"):
+            script.main(argv)
+        return
+    accuracy = script.main(argv)
+    out = capsys.readouterr().out
+    assert set(accuracy) == {"fast defaults", "plain float32"}
+    assert all(len(a) == 1 and 0.0 <= a[0] <= 100.0 for a in accuracy.values())
+    assert "| path | test acc (%) mean ± std | per seed | train s/epoch |" in out
+    assert "fast - plain: " in out and "'warm_start': 'off'" in out
+    monkeypatch.setattr(script, "plain_options", lambda case: {})
+    with pytest.raises(SystemExit, match="nothing to compare"):
+        script.main(argv)
