@@ -27,7 +27,13 @@ import torch
 
 from .registry import ActivationSpec
 
-__all__ = ["ActivationCheckError", "CheckGrid", "DEFAULT_GRIDS", "verify_activation"]
+__all__ = [
+    "ActivationCheckError",
+    "CheckGrid",
+    "DEFAULT_GRIDS",
+    "asymptotic_slope",
+    "verify_activation",
+]
 
 # Rounding allowance, in units of the float64 epsilon times the magnitudes involved: a
 # correctly implemented concave function may still show differences of a few ulps.
@@ -291,3 +297,20 @@ def verify_activation(
     _check_bound(spec, tail, y_tail)
     _check_differentiable(spec)
     return spec
+
+
+def asymptotic_slope(spec: ActivationSpec) -> float:
+    """An upper estimate of ``s = lim sigma(t) / t`` as ``t -> inf`` (0 for a bounded one).
+
+    Boundedness is what makes every pcDEQ map have a fixed point. An unbounded concave
+    activation has one only when ``s * rho(W) < 1`` (``s = 1`` for identity and ReLU:
+    ``z = relu(z + 0.1)`` grows without bound), so passing :func:`verify_activation` is not
+    enough for it; :func:`pcdeq_plugin.certify` checks the product. For a concave
+    nondecreasing ``sigma`` a chord slope far out is at least ``s``, so the estimate errs on
+    the safe side (``log1p`` gives about 3e-8, identity exactly 1).
+    """
+    if spec.upper_bound != float("inf"):
+        return 0.0
+    far = torch.tensor([1e7, 1e8], dtype=torch.float64)
+    y = _evaluate(spec, far)
+    return max(0.0, float((y[1] - y[0]) / (far[1] - far[0])))

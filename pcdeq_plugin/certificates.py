@@ -4,7 +4,9 @@
 
 (a) the **conditions** of the theory: ``W >= 0``, an activation that passes the numerical
     checks and fits the variant, the injection sign (``u > 0`` for pcDEQ-1, ``u >= 0`` for
-    pcDEQ-2) and finite inputs -- naming where a condition fails;
+    pcDEQ-2), finite inputs, and that a fixed point exists at all (automatic for a bounded
+    activation; for an unbounded one its slope at infinity times the Collatz-Wielandt bound
+    of ``rho(W)`` must be below 1) -- naming where a condition fails;
 (b) the **monotone sandwich**: iterates from ``0`` rise and iterates from ``M 1`` (``M`` the
     activation's bound) fall, so together they bracket the fixed point componentwise; for an
     unbounded activation the upper sequence is skipped;
@@ -31,7 +33,14 @@ from torch import nn
 
 from .cells import PcDEQBlock
 
-__all__ = ["Certificate", "ConditionCheck", "certify", "certify_model", "thompson_distance"]
+__all__ = [
+    "Certificate",
+    "ConditionCheck",
+    "certify",
+    "certify_model",
+    "spectral_radius_bounds",
+    "thompson_distance",
+]
 
 
 @dataclass
@@ -105,6 +114,9 @@ class Certificate:
             names.append("contraction")
         if not math.isfinite(self.local_rate):
             names.append("finite_iterates")
+        if not self.converged:
+            # never "OK" for a solve that did not reach its fixed point
+            names.append("not_converged")
         return names
 
     @property
@@ -235,7 +247,59 @@ def _check_conditions(
                 f"(u = {float(u.flatten()[first]):.3g})",
             )
         )
+    checks.append(_check_existence(block, pre, weight))
     return checks
+
+
+def _check_existence(block: PcDEQBlock, pre: torch.Tensor, weight: torch.Tensor) -> ConditionCheck:
+    """A fixed point exists: sigma bounded, or slope at infinity times rho(W) below 1."""
+    from .activation_checks import ActivationCheckError, asymptotic_slope
+
+    spec = block.activation
+    if math.isfinite(spec.upper_bound):
+        return ConditionCheck(
+            "fixed_point_exists",
+            True,
+            f"sigma is bounded by {spec.upper_bound:.4g}, so the iterates stay in a bounded box",
+        )
+    try:
+        slope = asymptotic_slope(spec)
+    except ActivationCheckError as exc:
+        return ConditionCheck("fixed_point_exists", False, str(exc))
+    low, high = spectral_radius_bounds(block, pre.shape[1:], weight)
+    product = slope * high
+    detail = (
+        f"sigma is unbounded with slope <= {slope:.3g} at infinity and "
+        f"{low:.4g} <= rho(W) <= {high:.4g}: slope * rho(W) <= {product:.4g}"
+    )
+    if product < 1:
+        return ConditionCheck("fixed_point_exists", True, detail + " < 1")
+    return ConditionCheck(
+        "fixed_point_exists",
+        False,
+        detail + " is not below 1, so a fixed point is not guaranteed (the iterates may grow "
+        "without bound); use a bounded activation or scale W down",
+    )
+
+
+def spectral_radius_bounds(
+    block: PcDEQBlock, state_shape: torch.Size, weight: torch.Tensor, iterations: int = 200
+) -> tuple[float, float]:
+    """Collatz-Wielandt bounds ``min_i (Wv)_i / v_i <= rho(W) <= max_i (Wv)_i / v_i`` of the
+    nonnegative operator ``z -> W z`` on states of ``state_shape``, with ``v > 0`` refined
+    by power iteration. Valid for every positive ``v``, so the upper bound is a certificate
+    even when the iteration has not settled."""
+    v = torch.ones((1, *state_shape), dtype=weight.dtype, device=weight.device)
+    low, high = 0.0, math.inf
+    for _ in range(iterations):
+        w = block.linear_map(v, weight)
+        ratio = w / v
+        low, high = max(low, float(ratio.min())), min(high, float(ratio.max()))
+        if high - low <= 1e-9 * max(high, 1e-30):
+            break
+        # keep v strictly positive (a reducible W would otherwise zero some entries)
+        v = w / float(w.max()) + 1e-12 if float(w.max()) > 0 else v
+    return low, high
 
 
 def certify(

@@ -192,3 +192,112 @@ def test_bad_arguments() -> None:
             certify(block, pre("linear"), dtype=bad_dtype)  # type: ignore[arg-type]
     x = pre("linear").float()
     assert certify(block, x, dtype=None, steps=50).lower.dtype == torch.float32  # kept
+
+
+# -- a certificate never says OK for a solve that does not converge (issue 13, item 5) --
+
+
+def _block_with_radius(act: P.ActivationSpec, radius: float, n: int = 4) -> PcDEQBlock:
+    """A linear block whose W >= 0 has spectral radius exactly ``radius`` (W = radius * P,
+    P a doubly stochastic matrix: Perron root 1)."""
+    block = PcDEQLinear(n, activation="tanh", constraint="clamp")
+    stochastic = torch.full((n, n), 0.5 / (n - 1)).fill_diagonal_(0.5)
+    with torch.no_grad():
+        block.operator.parametrizations.weight.original.copy_(radius * stochastic)
+    block.activation = act  # bypasses the constructor's catalogue lookup
+    return block
+
+
+IDENTITY = P.ActivationSpec("identity", lambda t: t.clone(), "nonnegative", math.inf)
+RELU = P.ActivationSpec("relu", F.relu, "nonnegative", math.inf)
+
+
+@pytest.mark.parametrize("act", [IDENTITY, RELU], ids=["identity", "relu"])
+@pytest.mark.parametrize("radius", [1.0, 1.3])
+def test_unbounded_activation_with_spectral_radius_at_least_one_fails(act, radius) -> None:
+    cert = certify(_block_with_radius(act, radius), pre("linear"))
+    head = cert.summary().splitlines()[0]
+    assert not cert.ok and "FAILED" in head and "OK" not in head
+    assert "fixed_point_exists" in cert.failed and "not_converged" in cert.failed
+    check = next(c for c in cert.conditions if c.name == "fixed_point_exists")
+    assert f"rho(W) <= {radius:.4g}" in check.detail and "not below 1" in check.detail
+    # the iterates really grow without bound: the lower sequence is far above the input scale
+    assert float(cert.lower.max()) > 10
+
+
+@pytest.mark.parametrize("act", [IDENTITY, RELU], ids=["identity", "relu"])
+def test_unbounded_activation_with_spectral_radius_below_one_is_certified(act) -> None:
+    cert = certify(_block_with_radius(act, 0.5), pre("linear"))
+    assert cert.ok, cert.summary()
+    check = next(c for c in cert.conditions if c.name == "fixed_point_exists")
+    assert check.ok and "rho(W) <= 0.5 " in check.detail and "slope <= 1 " in check.detail
+
+
+def test_a_certificate_that_did_not_converge_is_never_ok() -> None:
+    # every condition holds (tanh, W >= 0, u > 0) but 3 steps cannot reach tol 1e-10
+    cert = certify(make_block("linear", "tanh", scale=2.0), pre("linear"), steps=3)
+    assert cert.conditions_ok and not cert.converged
+    assert cert.failed == ["not_converged"] and not cert.ok
+    assert "FAILED: not_converged" in cert.summary().splitlines()[0]
+
+
+def test_spectral_radius_bounds_bracket_the_eigenvalue() -> None:
+    from pcdeq_plugin.certificates import spectral_radius_bounds
+
+    block = make_block("linear", "tanh", scale=1.7, n=6)
+    weight = block.weight.detach().double()
+    rho = float(torch.linalg.eigvals(weight).abs().max())
+    low, high = spectral_radius_bounds(block, torch.Size([6]), weight)
+    assert low <= rho + 1e-12 and rho <= high + 1e-12
+    assert high - low < 1e-6
+
+
+def test_asymptotic_slope_of_unbounded_activations() -> None:
+    from pcdeq_plugin.activation_checks import asymptotic_slope
+
+    assert asymptotic_slope(IDENTITY) == 1.0 and asymptotic_slope(RELU) == 1.0
+    assert 0 < asymptotic_slope(BUILTIN_ACTIVATIONS["log1p"]) < 1e-7  # sublinear
+    assert asymptotic_slope(BUILTIN_ACTIVATIONS["tanh"]) == 0.0  # bounded
+
+
+# -- the contraction estimate is computed, not assumed ----------------------------------
+
+
+def _empirical_rate_by_definition(block: PcDEQBlock, x: torch.Tensor, z_star: torch.Tensor):
+    """max over steps k of d_T(z_{k+1}, z*) / d_T(z_k, z*) from z_1 = g(0), measured while
+    d_T(z_k, z*) > 1e-7 (the certificate's floor), written out independently."""
+    with torch.no_grad():
+        u = block.injection(x.double())
+        w = block.weight.double()
+
+        def g(z):
+            return block.activation.fn(z @ w.T + u)
+
+        z = g(torch.zeros_like(u))
+        worst = 0.0
+        for _ in range(200):
+            d = (z.log() - z_star.log()).abs().amax(dim=1)
+            if not bool((d > 1e-7).any()):
+                break
+            nxt = g(z)
+            d_next = (nxt.log() - z_star.log()).abs().amax(dim=1)
+            keep = d > 1e-7
+            worst = max(worst, float((d_next[keep] / d[keep]).max()))
+            z = nxt
+    return worst
+
+
+@pytest.mark.parametrize(("act", "scale"), [("tanh", 0.3), ("tanh", 2.5), ("sigmoid", 3.0)])
+def test_empirical_rate_matches_its_definition(act: str, scale: float) -> None:
+    block, x = make_block("linear", act, scale=scale), pre("linear")
+    cert = certify(block, x, steps=400)
+    expected = _empirical_rate_by_definition(block, x, cert.lower)
+    assert cert.empirical_rate == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
+def test_empirical_rate_grows_with_the_weight_scale() -> None:
+    x = pre("linear")
+    weak = certify(make_block("linear", "tanh", scale=0.05), x, steps=400)
+    strong = certify(make_block("linear", "tanh", scale=3.0), x, steps=400)
+    assert weak.empirical_rate < 0.1 < 0.5 < strong.empirical_rate < 1
+    assert weak.local_rate < strong.local_rate < 1
