@@ -42,20 +42,31 @@ raises), ``--b_solver`` restricted to built-ins (:func:`add_pcdeq_args`).
 from __future__ import annotations
 
 from ._common import DEFAULT_NORM_NAME, DEFAULT_SOLVER_NAME, STOP_MODES, TORCHDEQ_BUILTINS
-from .config import PC_KEYS, add_pcdeq_args, pcdeq_defaults, pcdeq_deq_kwargs
+from .cli_args import add_pcdeq_args
+from .config import PC_KEYS, pcdeq_defaults, pcdeq_deq_kwargs
 from .core import pcdeq_core_class
 from .norm import PARAMETRIZATIONS, PcNonnegNorm
+from .norm_targets import (
+    MISSING_POLICIES,
+    PcNonnegNotAppliedError,
+    PcNonnegNotAppliedWarning,
+    register_pc_nonneg_module,
+)
 from .registration import TorchDEQRegistrationError, register
-from .solver import pcdeq_solver
+from .solver import SOLVER_OPTIONS, pcdeq_solver
 
 __all__ = [
     "DEFAULT_NORM_NAME",
     "DEFAULT_SOLVER_NAME",
+    "MISSING_POLICIES",
     "PARAMETRIZATIONS",
     "PC_KEYS",
+    "SOLVER_OPTIONS",
     "STOP_MODES",
     "TORCHDEQ_BUILTINS",
     "PcNonnegNorm",
+    "PcNonnegNotAppliedError",
+    "PcNonnegNotAppliedWarning",
     "TorchDEQRegistrationError",
     "add_pcdeq_args",
     "pcdeq_core_class",
@@ -63,4 +74,5 @@ __all__ = [
     "pcdeq_deq_kwargs",
     "pcdeq_solver",
     "register",
+    "register_pc_nonneg_module",
 ]

@@ -5,19 +5,21 @@ from __future__ import annotations
 import argparse
 import difflib
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from ._common import DEFAULT_SOLVER_NAME, STOP_MODES, import_torchdeq
 from .norm import PARAMETRIZATIONS
-from .registration import register
+from .norm_targets import MISSING_POLICIES
 
-__all__ = ["PC_KEYS", "add_pcdeq_args", "pcdeq_defaults", "pcdeq_deq_kwargs"]
+__all__ = ["PC_KEYS", "pcdeq_defaults", "pcdeq_deq_kwargs"]
 
 # Our own config keys (TorchDEQ's namespace is flat; ours all start with ``pc_``).
 PC_KEYS: dict[str, str] = {
     "pc_norm_param": "parametrization of pc_nonneg: " + " | ".join(PARAMETRIZATIONS),
     "pc_eps": "lower guard of the row norm in the 'projection' parametrization",
+    "pc_norm_missing": "when apply_norm with pc_nonneg finds no layer to constrain: "
+    + " | ".join(MISSING_POLICIES),
     "pc_activation": "registered pcDEQ activation for your layers (pcdeq_plugin.list_activations())",
     "pc_beta": "softplus beta of the pcDEQ-1 injection",
 }
@@ -115,6 +117,11 @@ def pcdeq_deq_kwargs(args: Any = None, **overrides: Any) -> dict[str, Any]:
         )
     config.update(overrides)
     _check_numbers(config)
+    if "pc_norm_missing" in config and config["pc_norm_missing"] not in MISSING_POLICIES:
+        raise ValueError(
+            f"pc_norm_missing must be one of {', '.join(MISSING_POLICIES)}, "
+            f"got {config['pc_norm_missing']!r}"
+        )
     for key in ("f_stop_mode", "b_stop_mode"):
         if key in config and config[key] not in STOP_MODES:
             raise ValueError(f"{key} must be one of {', '.join(STOP_MODES)}, got {config[key]!r}")
@@ -153,70 +160,3 @@ def _check_numbers(config: dict[str, Any]) -> None:
             isinstance(value, bool) or not isinstance(value, int) or value < least
         ):
             raise ValueError(f"{key} must be an integer >= {least}, got {value!r}")
-
-
-class _LiveChoices:
-    """argparse ``choices`` that read a registry at parse time (so later registrations count)."""
-
-    def __init__(self, source: Callable[[], Any]) -> None:
-        self._source = source
-
-    def __contains__(self, value: object) -> bool:
-        return value in self._source()
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(sorted(self._source()))
-
-
-def add_pcdeq_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """TorchDEQ's ``add_deq_args`` plus pcDEQ: registered solvers accepted, ``--pc_*`` flags.
-
-    Calls :func:`register` (idempotent), then ``torchdeq.add_deq_args(parser)``, then:
-
-    * ``--f_solver``/``--b_solver`` accept every solver registered in TorchDEQ at parse
-      time (TorchDEQ's own ``--b_solver`` only accepts its four built-ins), ``--core`` and
-      ``--norm_type`` every registered core/norm, and ``--f_stop_mode``/``--b_stop_mode``
-      only ``abs``/``rel`` (anything else fails late inside TorchDEQ);
-    * ``--pc_norm_param``, ``--pc_eps``, ``--pc_activation``, ``--pc_beta``.
-
-    Returns:
-        ``parser``, for chaining.
-    """
-    torchdeq = import_torchdeq()
-    register()
-    torchdeq.add_deq_args(parser)
-    actions = {action.dest: action for action in parser._actions}
-    live = {
-        "f_solver": lambda: torchdeq.solver._solvers,
-        "b_solver": lambda: torchdeq.solver._solvers,
-        "core": lambda: torchdeq.core._core,
-        "norm_type": lambda: ["none", *torchdeq.norm.base_norm._norm_class],
-    }
-    for dest, source in live.items():
-        actions[dest].choices = _LiveChoices(source)
-        actions[dest].help = f"{dest} (any registered name: %(choices)s)"
-    for dest in ("f_stop_mode", "b_stop_mode"):
-        actions[dest].choices = STOP_MODES
-
-    def activations() -> list[str]:
-        from ..registry import list_activations
-
-        return list_activations()
-
-    group = parser.add_argument_group("pcDEQ (pcdeq-plugin)")
-    group.add_argument(
-        "--pc_norm_param",
-        default="projection",
-        choices=PARAMETRIZATIONS,
-        help=PC_KEYS["pc_norm_param"],
-    )
-    group.add_argument("--pc_eps", type=float, default=1e-12, help=PC_KEYS["pc_eps"])
-    group.add_argument(
-        "--pc_activation",
-        default="tanh",
-        choices=_LiveChoices(activations),
-        metavar="NAME",
-        help=PC_KEYS["pc_activation"],
-    )
-    group.add_argument("--pc_beta", type=float, default=5.0, help=PC_KEYS["pc_beta"])
-    return parser

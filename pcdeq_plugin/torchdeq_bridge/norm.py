@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -10,6 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._common import BRIDGE_MARK
+from .norm_targets import PcNonnegTargets, names_and_dims
+from .normed_weight import NormedWeight, nonnegative
 
 __all__ = ["PARAMETRIZATIONS", "PcNonnegNorm"]
 
@@ -42,39 +45,50 @@ class PcNonnegNorm:
     Parametrizations (``parametrization=`` or config key ``pc_norm_param``):
 
     * ``"projection"`` (default, the paper's scheme): weight normalisation
-      ``W = g * v / max(||v||, eps)`` per output unit with ``v`` and ``g`` projected onto
-      ``>= 0`` in place at every :func:`torchdeq.reset_norm` (i.e. before each forward), so
-      projected gradient descent needs no extra call in the training loop. The ``eps``
-      guard (``pc_eps``) keeps a row of ``v`` that was clamped to all zeros from producing
-      NaN, as the paper's code can.
+      ``W = g * v / max(||v||, eps)`` per output unit, computed from ``max(v, 0)`` and
+      ``max(g, 0)`` (so ``W >= 0`` always) with the gradient of projected gradient
+      descent; ``v`` and ``g`` themselves are projected onto ``>= 0`` in place (under
+      ``no_grad``) at every :func:`torchdeq.reset_norm`, i.e. before each forward, so the
+      training loop needs no extra call. No autograd node saves ``v`` or ``g``, so that
+      projection never invalidates a graph: several forwards may share one backward.
+      The ``eps`` guard (``pc_eps``) keeps an all-zero row of ``v`` from producing NaN.
     * ``"softplus"``: ``W = softplus(v)``, nonnegative by construction, no projection.
 
-    ``state_dict`` keys change from ``weight`` to ``weight_v`` (and ``weight_g``).
-    :func:`torchdeq.remove_norm` bakes a nonnegative ``weight`` parameter back.
+    Everything a training script relies on works as with TorchDEQ's own norms, and more:
+    ``copy.deepcopy(model)`` (EMA; the copy's weight is rebuilt from the copy's
+    parameters), pickling, also by ``torch.multiprocessing`` (the weight travels as
+    values; ``reset_norm`` rebuilds it), ``state_dict``/``load_state_dict`` (keys
+    ``weight_v`` and ``weight_g`` replace ``weight``; loading recomputes the weight), and
+    :func:`torchdeq.remove_norm` (bakes a nonnegative ``weight`` parameter back).
 
-    Pitfalls inherited from TorchDEQ: matching uses the module's *exact* type (register
-    your own layer classes with ``torchdeq.register_norm_module(cls, 'pc_nonneg', ...)``);
+    Which layers: every module whose type *or a base class* is in the target table
+    (``nn.Linear``, convolutions and transposed convolutions); add your own layer type
+    with :func:`register_pc_nonneg_module`. ``apply_norm`` warns, or with
+    ``pc_norm_missing='error'`` raises, when it would constrain nothing. Keep signed
+    layers (injection, classifier) out with ``filter_out=``. TorchDEQ pitfall:
     ``apply_norm(m, 'pc_nonneg', args=ns)`` is overridden by ``ns.norm_type`` (set
-    ``--norm_type pc_nonneg``); keep signed layers (injection, classifier) out with
-    ``filter_out=``.
+    ``--norm_type pc_nonneg``).
     """
 
-    # Our own dict: ``register_norm_module`` mutates this class attribute.
-    _target_modules: dict[type, tuple[Any, Any]] = {
-        nn.Linear: ("weight", 0),
-        nn.Conv1d: ("weight", 0),
-        nn.Conv2d: ("weight", 0),
-        nn.Conv3d: ("weight", 0),
-        nn.ConvTranspose1d: ("weight", 1),
-        nn.ConvTranspose2d: ("weight", 1),
-        nn.ConvTranspose3d: ("weight", 1),
-    }
+    # Our own table: ``register_norm_module(cls, 'pc_nonneg', ...)`` writes into it.
+    _target_modules: PcNonnegTargets = PcNonnegTargets(
+        {
+            nn.Linear: ("weight", 0),
+            nn.Conv1d: ("weight", 0),
+            nn.Conv2d: ("weight", 0),
+            nn.Conv3d: ("weight", 0),
+            nn.ConvTranspose1d: ("weight", 1),
+            nn.ConvTranspose2d: ("weight", 1),
+            nn.ConvTranspose3d: ("weight", 1),
+        }
+    )
 
     def __init__(self, names: list[str], dims: list[int], parametrization: str, eps: float) -> None:
         self.names = names
         self.dims = dims
         self.parametrization = parametrization
         self.eps = eps
+        self._load_hook: int | None = None
 
     @classmethod
     def apply(
@@ -90,7 +104,8 @@ class PcNonnegNorm:
         """Replace ``module.<name>`` by a nonnegative parametrization and return the norm.
 
         Args:
-            module: The layer (its exact type must be a target, unless ``names`` is given).
+            module: The layer (its type or a base class must be a target, unless ``names``
+                is given).
             deq_args: TorchDEQ config (dict, Namespace, DEQConfig); ``pc_norm_param`` and
                 ``pc_eps`` are read from it.
             names: Parameter name(s); default from the target table.
@@ -100,22 +115,17 @@ class PcNonnegNorm:
             **unused: Other keyword options ``apply_norm`` forwards (ignored).
         """
         if names is None or dims is None:
-            target = next(
-                (cls._target_modules[t] for t in type(module).__mro__ if t in cls._target_modules),
-                None,
-            )
+            target = cls._target_modules.lookup(type(module))
             if target is None:
                 known = ", ".join(sorted(t.__name__ for t in cls._target_modules))
                 raise TypeError(
                     f"pc_nonneg does not know which parameters of {type(module).__name__} to "
-                    f"constrain; pass names=/dims= or register the class with "
-                    f"torchdeq.register_norm_module; known modules: {known}"
+                    "constrain; pass names=/dims= or register the class with "
+                    "pcdeq_plugin.torchdeq_bridge.register_pc_nonneg_module(cls, names, dims); "
+                    f"known modules: {known}"
                 )
             names, dims = target
-        names_list = [names] if isinstance(names, str) else list(names)
-        dims_list = [dims] * len(names_list) if isinstance(dims, int) else list(dims)
-        if len(names_list) != len(dims_list):
-            raise ValueError(f"names {names_list} and dims {dims_list} differ in length")
+        names_list, dims_list = names_and_dims(names, dims)
         choice = parametrization or _config_get(deq_args, "pc_norm_param", None) or "projection"
         if choice not in PARAMETRIZATIONS:
             raise ValueError(
@@ -143,18 +153,32 @@ class PcNonnegNorm:
                     name + "_v", nn.Parameter(floor + torch.log(-torch.expm1(-floor)))
                 )
             setattr(module, name, norm.compute_weight(module, name, dim))
+        # a bound method (not a closure): deep copies and pickles carry it with the norm
+        norm._load_hook = module.register_load_state_dict_post_hook(norm._after_load).id
         return norm
+
+    def _weight(self, dim: int, v: torch.Tensor, g: torch.Tensor | None = None) -> NormedWeight:
+        if self.parametrization == "softplus":
+            value = F.softplus(v)
+        else:
+            v_pos, g_pos = nonnegative(v), nonnegative(g)
+            value = g_pos * v_pos / _row_norm(v_pos, dim).clamp_min(self.eps)
+        sources = (v,) if g is None else (v, g)
+        return NormedWeight.wrap(value, functools.partial(self._weight, dim), sources)
 
     def compute_weight(self, module: nn.Module, name: str, dim: int) -> torch.Tensor:
         """The constrained weight, a nonnegative tensor with the parameter's shape."""
         v = getattr(module, name + "_v")
         if self.parametrization == "softplus":
-            return F.softplus(v)
-        g = getattr(module, name + "_g")
-        return g * v / _row_norm(v, dim).clamp_min(self.eps)
+            return self._weight(dim, v)
+        return self._weight(dim, v, getattr(module, name + "_g"))
 
     def project(self, module: nn.Module) -> None:
-        """Clamp the raw parameters onto ``>= 0`` in place ("projection" only)."""
+        """Clamp the raw parameters onto ``>= 0`` in place ("projection" only).
+
+        Safe at any time: the weight is computed from copies (:func:`nonnegative`), so no
+        autograd graph holds these parameters' values.
+        """
         if self.parametrization != "projection":
             return
         with torch.no_grad():
@@ -168,6 +192,10 @@ class PcNonnegNorm:
         for name, dim in zip(self.names, self.dims):
             setattr(module, name, self.compute_weight(module, name, dim))
 
+    def _after_load(self, module: nn.Module, incompatible_keys: Any) -> None:
+        # load_state_dict changed (or, with assign=True, replaced) the raw parameters
+        self(module)
+
     def remove(self, module: nn.Module) -> None:
         """Bake the (nonnegative) weights back into ordinary parameters."""
         self.project(module)
@@ -177,7 +205,11 @@ class PcNonnegNorm:
             delattr(module, name)
             for suffix in ("_v", "_g"):
                 module._parameters.pop(name + suffix, None)
-            module.register_parameter(name, nn.Parameter(weight.detach().clone()))
+            plain = torch.Tensor.detach(weight).as_subclass(torch.Tensor).clone()
+            module.register_parameter(name, nn.Parameter(plain))
+        if self._load_hook is not None:
+            module._load_state_dict_post_hooks.pop(self._load_hook, None)
+            self._load_hook = None
 
 
 setattr(PcNonnegNorm, BRIDGE_MARK, True)
