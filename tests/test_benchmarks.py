@@ -262,3 +262,33 @@ def test_accuracy_fast_vs_plain_trains_both_paths(capsys, monkeypatch):
     monkeypatch.setattr(script, "plain_options", lambda case: {})
     with pytest.raises(SystemExit, match="nothing to compare"):
         script.main(argv)
+
+
+def test_bench_speed_variants_share_weights_and_switch_one_option_each():
+    load_script("bench_speed")
+    from _speed_setup import ABLATIONS, build_variants, parse_case, plain_options
+
+    case = parse_case("pcdeq-linear-1")
+    plain = plain_options(case)
+    if not plain:
+        pytest.skip("this pcdeq_plugin has no speed options to switch off")
+    from pcdeq_plugin import build_model
+
+    weights = build_model(case.model, case.input_shape, 10, init_scale=1.0).state_dict()
+    variants, notes = build_variants(
+        case, weights, device=torch.device("cpu"), tol=1e-5, ours_options={}, ablations=True
+    )
+    names = [v.name for v in variants]
+    ablated = [name for name, key in ABLATIONS.items() if key in plain]
+    assert names == ["paper", "ours-plain", "ours", *ablated]
+    assert all(f"{name} skipped" in " ".join(notes) for name in ABLATIONS if name not in ablated)
+    for variant in variants:  # the very same weights everywhere
+        state = variant.model.state_dict()
+        assert all(torch.equal(state[k], v) for k, v in weights.items())
+    configs = {v.name: v.model.block.config for v in variants}
+    assert all(getattr(configs["ours-plain"], key) == value for key, value in plain.items())
+    for name in ablated:  # exactly one option differs from ours
+        key = ABLATIONS[name]
+        differs = [f for f in plain if getattr(configs[name], f) != getattr(configs["ours"], f)]
+        assert differs == [key] and getattr(configs[name], key) == plain[key]
+    assert variants[0].is_paper and hasattr(variants[0].model.block, "paper_record")
