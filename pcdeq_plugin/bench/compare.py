@@ -352,6 +352,7 @@ def compare(
             f"compare sets {', '.join(sorted(forbidden))} itself; pass them as compare arguments"
         )
     TrainConfig.check_keys(train_options)
+    TrainConfig.from_dict(dict(train_options))  # bad values fail here, not once per run
     load_plugins_from_config(list(train_options.get("plugins", [])))
     dataset_info(dataset)  # unknown dataset -> UnknownNameError listing them, before any work
     # Open both splits once here: missing files fail now with one clear error instead of

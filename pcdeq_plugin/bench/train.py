@@ -317,7 +317,12 @@ class _Trainer:
                 self.consistent, self.training = True, False
                 where = str(self.out.last) if self.out is not None else ""
                 return divergence_message(
-                    self.epoch, self.step, len(loader), float(loss), len(self.history), where
+                    self.epoch,
+                    self.step,
+                    len(loader),
+                    float(loss.detach()),
+                    len(self.history),
+                    where,
                 )
             if self.scaler is not None:
                 self.scaler.scale(loss).backward()

@@ -79,17 +79,24 @@ class TinyDEQ(ImplicitModel):
     family = "tiny"
 
     def __init__(
-        self, input_shape: tuple[int, int, int], num_classes: int, width: int = 16
+        self,
+        input_shape: tuple[int, int, int],
+        num_classes: int,
+        width: int = 16,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         c, h, w = input_shape
         self.inject = nn.Linear(c * h * w, width)
         self.block = _TinyBlock(width)
+        # dropout draws from the global RNG at every training step: with it, an exact
+        # resume needs the RNG state restored, not only the weights and the data order
+        self.drop = nn.Dropout(dropout)
         self.head = nn.Linear(width, num_classes)
         INSTANCES.append(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.block(self.inject(x.flatten(1))))
+        return self.head(self.drop(self.block(self.inject(x.flatten(1)))))
 
 
 class CrashModel(TinyDEQ):
