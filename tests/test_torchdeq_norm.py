@@ -362,3 +362,38 @@ def test_training_a_registered_custom_cell_keeps_weights_nonnegative() -> None:
 def test_a_bad_missing_policy_is_refused_even_when_layers_match() -> None:
     with pytest.raises(ValueError, match="pc_norm_missing must be one of warn, error, got 'warm'"):
         apply_norm(nn.Linear(2, 2), "pc_nonneg", pc_norm_missing="warm")
+
+
+class Classifier(nn.Module):
+    """A realistic TorchDEQ model: known injection and head, a DEQ cell of our own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inj = nn.Linear(3, 4)
+        self.cell = RawCell(4)
+        self.norm = nn.LayerNorm(4)  # torch's own parameter holders are never reported
+        self.head = nn.Linear(4, 2)
+
+
+@pytest.mark.usefixtures("registered")
+def test_a_custom_cell_left_signed_next_to_constrained_layers_warns() -> None:
+    model = Classifier()
+    with pytest.warns(PcNonnegNotAppliedWarning) as record:
+        apply_norm(model, "pc_nonneg")
+    message = str(record[0].message)
+    assert "constrains 2 layer(s) of Classifier" in message
+    assert "cell (RawCell: W, bias)" in message and "LayerNorm" not in message
+    assert hasattr(model.head, "_deq_norm")  # what it knows it did constrain
+    with pytest.raises(PcNonnegNotAppliedError, match="leaves the weights"):
+        apply_norm(Classifier(), "pc_nonneg", pc_norm_missing="error")
+
+
+@pytest.mark.usefixtures("registered")
+def test_filtering_the_custom_cell_out_or_registering_it_silences_the_warning() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        apply_norm(Classifier(), "pc_nonneg", filter_out=["cell"])
+        register_pc_nonneg_module(RawCell, names="W", dims=0)
+        model = Classifier()
+        apply_norm(model, "pc_nonneg", filter_out=["inj", "head"])
+    assert "W_v" in model.cell._parameters

@@ -11,16 +11,22 @@ After ``pcdeq_plugin.register()`` a TorchDEQ program selects pcDEQ by name::
     reset_norm(layer)                                # at the top of every forward
     z_out, info = deq(lambda z: layer(z, x), z0)
 
+A command-line codebase adds one parser call, :func:`add_pcdeq_args` (before or after its
+``add_deq_args``): TorchDEQ's ``--b_solver`` has literal choices no registration reaches.
+
 What is registered (TorchDEQ 0.1.0 keeps process-global dicts with silent overwrite):
 
-* solver ``name`` (default ``"pcdeq"``): :func:`pcdeq_solver`, plain fixed-point iteration
-  (what the pcDEQ theory guarantees to converge) on TorchDEQ's exact solver contract. It
-  never clamps iterates, so it also solves the *signed* adjoint problem TorchDEQ hands a
-  ``b_solver``; it pads the trajectory to ``len(indexing)`` when it stops early, which keeps
-  implicit differentiation alive under TorchDEQ's ``indexing`` core.
+* solver ``name`` (default ``"pcdeq"``): :func:`pcdeq_solver`, plain (optionally damped,
+  ``tau``) fixed-point iteration, what the pcDEQ theory guarantees to converge, on
+  TorchDEQ's exact solver contract. It never clamps iterates, so it also solves the
+  *signed* adjoint problem TorchDEQ hands a ``b_solver``; it pads the trajectory to
+  ``len(indexing)`` when it stops early, which keeps implicit differentiation alive under
+  TorchDEQ's ``indexing`` core; it refuses options it would ignore.
 * norm ``norm_name`` (default ``"pc_nonneg"``): :class:`PcNonnegNorm`, nonnegative
   recurrent weights through TorchDEQ's norm protocol (``apply_norm``/``reset_norm``/
-  ``remove_norm``).
+  ``remove_norm``), safe for several forwards per backward, ``deepcopy``, pickling and
+  ``state_dict``; custom layer types via :func:`register_pc_nonneg_module`; a warning
+  (or error) when ``apply_norm`` would constrain nothing.
 * core ``name`` (default ``"pcdeq"``, optional for users): TorchDEQ's default ``DEQSliced``
   core that starts every solve from the nonnegative orthant (it clamps ``z_init >= 0``, the
   precondition of pcDEQ's convergence guarantee) and warns once when the forward solver is
@@ -36,7 +42,11 @@ level of the module that defines your model, not under ``if __name__ == "__main_
 TorchDEQ 0.1.0 defects handled here: early stop under the indexing core (trajectory
 padding), caller's config mutated by ``get_deq``/``apply_norm`` (:func:`pcdeq_deq_kwargs`
 returns a fresh dict), unknown config keys silently ignored (:func:`pcdeq_deq_kwargs`
-raises), ``--b_solver`` restricted to built-ins (:func:`add_pcdeq_args`).
+raises), ``--b_solver`` restricted to built-ins and ``add_deq_args`` conflicting with a
+second declaration (:func:`add_pcdeq_args`), exact-type norm matching that skips unknown
+layers in silence (:class:`PcNonnegNorm`). Not fixable from outside: bf16 autocast with
+``ift=True`` fails in TorchDEQ's ``grad.py`` whatever the solver (the README gives the
+float32 workaround).
 """
 
 from __future__ import annotations

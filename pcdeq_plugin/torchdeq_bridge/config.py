@@ -18,8 +18,8 @@ __all__ = ["PC_KEYS", "pcdeq_defaults", "pcdeq_deq_kwargs"]
 PC_KEYS: dict[str, str] = {
     "pc_norm_param": "parametrization of pc_nonneg: " + " | ".join(PARAMETRIZATIONS),
     "pc_eps": "lower guard of the row norm in the 'projection' parametrization",
-    "pc_norm_missing": "when apply_norm with pc_nonneg finds no layer to constrain: "
-    + " | ".join(MISSING_POLICIES),
+    "pc_norm_missing": "when apply_norm with pc_nonneg constrains nothing or skips a custom "
+    "layer's weights: " + " | ".join(MISSING_POLICIES),
     "pc_activation": "registered pcDEQ activation for your layers (pcdeq_plugin.list_activations())",
     "pc_beta": "softplus beta of the pcDEQ-1 injection",
 }

@@ -8,10 +8,11 @@ unconstrained model. :class:`PcNonnegTargets` is that table for ``pc_nonneg``:
 
 * a registered class also covers its subclasses (matched along the MRO);
 * :func:`register_pc_nonneg_module` adds a custom layer type and its weight names;
-* when ``apply_norm`` considers the root of a model and *nothing* in that model will be
-  constrained, it warns (:class:`PcNonnegNotAppliedWarning`) or, with the config key
-  ``pc_norm_missing='error'`` (``--pc_norm_missing error``), raises
-  :class:`PcNonnegNotAppliedError`, naming the layers that hold parameters.
+* when ``apply_norm`` will constrain *nothing* in a model, or will leave signed a weight
+  matrix of a layer class of the user's own (one defined outside ``torch``; filter it out
+  to keep it signed on purpose), it warns (:class:`PcNonnegNotAppliedWarning`) or, with
+  the config key ``pc_norm_missing='error'`` (``--pc_norm_missing error``), raises
+  :class:`PcNonnegNotAppliedError`, naming those layers.
 """
 
 from __future__ import annotations
@@ -35,11 +36,11 @@ MISSING_POLICIES: tuple[str, ...] = ("warn", "error")
 
 
 class PcNonnegNotAppliedWarning(UserWarning):
-    """``apply_norm(..., 'pc_nonneg')`` found no layer to constrain."""
+    """``apply_norm(..., 'pc_nonneg')`` constrains nothing, or skips a custom layer's weights."""
 
 
 class PcNonnegNotAppliedError(TypeError):
-    """``apply_norm(..., 'pc_nonneg')`` found no layer to constrain (``pc_norm_missing='error'``)."""
+    """As :class:`PcNonnegNotAppliedWarning`, raised under ``pc_norm_missing='error'``."""
 
 
 class PcNonnegTargets(dict):
@@ -113,13 +114,23 @@ def _apply_norm_code() -> Any:
     return getattr(function, "__code__", None)
 
 
+def _own_parameters(module: nn.Module) -> list[tuple[str, Any]]:
+    return [(n, p) for n, p in module.named_parameters(recurse=False) if p is not None]
+
+
+def _describe(name: str, module: nn.Module, params: list[tuple[str, Any]]) -> str:
+    return f"{name or '<root>'} ({type(module).__name__}: {', '.join(n for n, _ in params)})"
+
+
 def _check_apply_norm_call(targets: PcNonnegTargets, frame: Any) -> None:
-    """At the root of a TorchDEQ ``apply_norm`` walk, refuse a walk that constrains nothing.
+    """At the root of a TorchDEQ ``apply_norm`` walk, report what it will leave signed.
 
     ``apply_norm`` (TorchDEQ 0.1.0) tests ``type(module) in Norm._target_modules`` for
     each module it did not filter out, the root first; it never tells the norm class when
     the walk is over. So on the root's test this replays the walk (same filters) and
-    reports when no module will match. Anything else asking ``in`` is left alone.
+    reports when no module will match, or when a layer class of the user's own (defined
+    outside ``torch``) holds a weight matrix the walk will not constrain. Anything else
+    asking ``in`` is left alone.
     """
     code = _apply_norm_code()
     if code is None or frame.f_code is not code:
@@ -136,7 +147,7 @@ def _check_apply_norm_call(targets: PcNonnegTargets, frame: Any) -> None:
         )
     base_norm = sys.modules["torchdeq.norm.base_norm"]
     prefixes, filters = scope.get("prefix_filter_out"), scope.get("filter_out")
-    candidates, skipped = [], []
+    matched, holders, unknown, skipped = 0, [], [], []
     for name, module in model.named_modules():
         if (prefixes and base_norm._is_skip_prefix(name, prefixes)) or (
             filters and base_norm._is_skip_name(name, filters)
@@ -144,21 +155,41 @@ def _check_apply_norm_call(targets: PcNonnegTargets, frame: Any) -> None:
             skipped.append(name)
             continue
         if targets.lookup(type(module)) is not None:
-            return  # something will be constrained
-        own = [n for n, p in module.named_parameters(recurse=False) if p is not None]
-        if own:
-            candidates.append(f"{name or '<root>'} ({type(module).__name__}: {', '.join(own)})")
-    known = ", ".join(sorted(t.__name__ for t in targets))
-    message = (
-        f"apply_norm with 'pc_nonneg' found nothing to constrain in {type(model).__name__}: "
-        f"no module is of a known type ({known}) or a subclass of one. Layers holding "
-        f"parameters: {'; '.join(candidates) or 'none'}"
-        + (f"; skipped by filter_out/prefix_filter_out: {', '.join(skipped)}" if skipped else "")
-        + ". Register your layer "
-        "type with pcdeq_plugin.torchdeq_bridge.register_pc_nonneg_module(MyLayer, "
-        "names='W', dims=0) before apply_norm; training would otherwise run with "
-        "unconstrained (signed) weights"
+            matched += 1
+            continue
+        params = _own_parameters(module)
+        if params:
+            holders.append(_describe(name, module, params))
+        custom = not type(module).__module__.startswith("torch.")
+        if custom and any(p.dim() >= 2 for _, p in params):
+            unknown.append(_describe(name, module, params))
+    if matched and not unknown:
+        return
+    register_hint = (
+        "Register your layer type with pcdeq_plugin.torchdeq_bridge."
+        "register_pc_nonneg_module(MyLayer, names='W', dims=0) before apply_norm"
     )
+    if not matched:
+        known = ", ".join(sorted(t.__name__ for t in targets))
+        message = (
+            f"apply_norm with 'pc_nonneg' found nothing to constrain in "
+            f"{type(model).__name__}: no module is of a known type ({known}) or a subclass "
+            f"of one. Layers holding parameters: {'; '.join(holders) or 'none'}"
+            + (
+                f"; skipped by filter_out/prefix_filter_out: {', '.join(skipped)}"
+                if skipped
+                else ""
+            )
+            + f". {register_hint}; training would otherwise run with unconstrained (signed) "
+            "weights"
+        )
+    else:
+        message = (
+            f"apply_norm with 'pc_nonneg' constrains {matched} layer(s) of "
+            f"{type(model).__name__} but leaves the weights of layer types it does not know "
+            f"signed: {'; '.join(unknown)}. {register_hint}, or exclude them with "
+            "filter_out= to keep them signed on purpose"
+        )
     if policy == "error":
         raise PcNonnegNotAppliedError(message)
     warnings.warn(message, PcNonnegNotAppliedWarning, stacklevel=4)
