@@ -423,7 +423,11 @@ def compare(
             run_dir, seed = Path(config["out_dir"]), str(config["seed"])
             outcome = _run_outcome(run_dir, since)
             if outcome is None and (stopped or blamed):
-                why = "the comparison was interrupted" if stopped else "its worker stopped earlier"
+                why = (
+                    "its worker was stopped by a signal before reaching it"
+                    if stopped
+                    else "its worker crashed on an earlier seed"
+                )
                 outcome = ("not started", why)
             elif outcome is None:
                 outcome, blamed = ("failed", worker_error or "the run left no summary"), True
