@@ -118,7 +118,7 @@ def _reference_runs(tmp_path: Path) -> dict[int, tuple[Path, subprocess.Popen]]:
 
 
 def _finished(references: dict[int, tuple[Path, subprocess.Popen]]) -> dict[int, Path]:
-    for out, process in references.values():
+    for _out, process in references.values():
         assert process.wait(timeout=240) == 0, process.stderr.read()
     return {seed: out for seed, (out, _) in references.items()}
 
