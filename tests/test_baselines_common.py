@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from pcdeq_baselines import mondeq, node, subdeq, unconstrained
+from pcdeq_baselines import geq, lben, mondeq, node, subdeq, unconstrained
 from pcdeq_baselines.ode_block import ODEBlock
 from pcdeq_baselines.options import (
     announce_failure,
@@ -25,7 +25,14 @@ import pcdeq_plugin
 from pcdeq_plugin import ConvergenceError, ConvergenceWarning, build_model
 
 BASELINES = sorted(
-    {**node.MODEL_SPECS, **unconstrained.MODEL_SPECS, **mondeq.MODEL_SPECS, **subdeq.MODEL_SPECS}
+    {
+        **node.MODEL_SPECS,
+        **unconstrained.MODEL_SPECS,
+        **mondeq.MODEL_SPECS,
+        **subdeq.MODEL_SPECS,
+        **lben.MODEL_SPECS,
+        **geq.MODEL_SPECS,
+    }
 )
 SHAPE = (1, 28, 28)
 
