@@ -88,7 +88,10 @@ _SOLVER_DEFAULTS = {
 def _options(model: str, overrides: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
     valid = set(defaults) | set(_BLOCK_DEFAULTS) | set(SolverConfig.field_names())
     check_overrides(model, overrides, valid)
-    solver, rest = split_solver_options({**_SOLVER_DEFAULTS, **overrides})
+    defaults_solver = dict(_SOLVER_DEFAULTS)
+    if "solver" in overrides:  # Anderson's options mean nothing to another solver
+        defaults_solver["solver_options"] = {}
+    solver, rest = split_solver_options({**defaults_solver, **overrides})
     return {**defaults, **_BLOCK_DEFAULTS, **rest, "config": SolverConfig(**solver)}
 
 
