@@ -62,16 +62,18 @@ class PcDEQCellMap(FixedPointMap):
         self.fn = block.activation.fn
         self.u = u
         self.weight = weight
+        self.operand = block.operand(weight)
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
-        return self.fn(self.block.pre_activation(z, self.u, self.weight))
+        return self.fn(self.block.pre_activation(z, self.u, self.operand))
 
     def in_precision(self, dtype: torch.dtype) -> MapFn:
-        u, weight = self.u.detach().to(dtype), self.weight.detach().to(dtype)
-        return lambda z: self.fn(self.block.pre_activation(z, u, weight))
+        u = self.u.detach().to(dtype)
+        operand = self.block.operand(self.weight.detach().to(dtype))
+        return lambda z: self.fn(self.block.pre_activation(z, u, operand))
 
     def linearized_step(self, z_star: torch.Tensor) -> LinearizedStep:
-        a = self.block.pre_activation(z_star.detach(), self.u, self.weight)
+        a = self.block.pre_activation(z_star.detach(), self.u, self.operand)
         out = self.fn(a)
         weight = self.weight.detach()
         slopes: dict[torch.dtype, torch.Tensor] = {}

@@ -26,6 +26,7 @@ from torch.nn.utils import parametrize
 
 from .activations import VARIANT_KINDS, resolve_activation
 from .cell_map import PcDEQCellMap
+from .checks import all_finite
 from .constraints import (
     NonNegativeConstraint,
     apply_constraint,
@@ -148,11 +149,15 @@ class PcDEQBlock(ImplicitBlock):
         """``W^T y``: the adjoint of :meth:`linear_map`."""
         raise NotImplementedError
 
+    def operand(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` in the form :meth:`pre_activation` takes (computed once per solve)."""
+        return weight
+
     def pre_activation(
-        self, z: torch.Tensor, u: torch.Tensor, weight: torch.Tensor
+        self, z: torch.Tensor, u: torch.Tensor, operand: torch.Tensor
     ) -> torch.Tensor:
-        """``a = W z + u`` (subclasses fuse the addition where torch can)."""
-        return self.linear_map(z, weight) + u
+        """``a = W z + u`` from :meth:`operand` (subclasses fuse the addition where they can)."""
+        return self.linear_map(z, operand) + u
 
     def adjoint_map(
         self, slope: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor
@@ -183,7 +188,7 @@ class PcDEQBlock(ImplicitBlock):
                 f"{type(x).__name__ if not isinstance(x, torch.Tensor) else x.dtype}"
             )
         self._check_shape(x)
-        if self.check_inputs and not bool(torch.isfinite(x).all()):
+        if self.check_inputs and not all_finite(x):
             bad = int((~torch.isfinite(x)).sum())
             raise ValueError(
                 f"{self.block_name}: input contains {bad} NaN/Inf value(s); pcDEQ needs a "
@@ -252,10 +257,13 @@ class PcDEQLinear(PcDEQBlock):
     def transposed_map(self, y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return y @ weight
 
+    def operand(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.t()
+
     def pre_activation(
-        self, z: torch.Tensor, u: torch.Tensor, weight: torch.Tensor
+        self, z: torch.Tensor, u: torch.Tensor, operand: torch.Tensor
     ) -> torch.Tensor:
-        return torch.addmm(u, z, weight.t())  # one kernel for W z + u
+        return torch.addmm(u, z, operand)  # one kernel for W z + u
 
     def adjoint_map(
         self, slope: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor

@@ -314,8 +314,10 @@ def _solve(
     warm_iterations = 0
     if warm is not None and max_iter > 1:
         dtype, warm_fn = warm
+        zero_start = project and not bool(z0.any())  # the forward solve starts at 0
+        start_low = torch.zeros_like(z0, dtype=dtype) if zero_start else z0.to(dtype)
         state, warm_iterations = warm_iterate(
-            warm_fn, z0.to(dtype), tol=config.warm_tol, max_iter=max_iter - 1
+            warm_fn, start_low, tol=config.warm_tol, max_iter=max_iter - 1, zero_start=zero_start
         )
         z0 = state.to(z0.dtype)
         if project:  # rounding must not leave the orthant the guarantee lives in

@@ -89,6 +89,8 @@ class SolveStats:
     @property
     def num_failed(self) -> int:
         """Number of samples that did not converge (synchronises with the device)."""
+        if self.converged.device.type == "cpu" and not self.converged.requires_grad:
+            return int(self.converged.numel() - self.converged.numpy().astype(bool).sum())
         return int((~self.converged.bool()).sum().item())
 
     @property
@@ -185,7 +187,7 @@ class SolverConfig:
     on_failure: FailurePolicy = "warn"
     solver_options: dict = field(default_factory=dict)
     warm_start: str = "auto"
-    warm_tol: float = 1e-2
+    warm_tol: float = 4e-3
     adjoint: str = "auto"
     reuse_step_graph: bool = True
 

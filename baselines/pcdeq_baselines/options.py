@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from pcdeq_plugin import ConvergenceError, ConvergenceWarning
+from pcdeq_plugin.checks import all_finite
 from pcdeq_plugin.interface import FAILURE_POLICIES
 
 __all__ = [
@@ -101,8 +102,8 @@ def check_input_shape(x: torch.Tensor, input_shape: tuple[int, ...], model: str)
             f"{model}: expected inputs of shape [B, {', '.join(map(str, input_shape))}], "
             f"got {list(x.shape)}"
         )
-    finite = torch.isfinite(x)
-    if not bool(finite.all()):
+    if not all_finite(x):
+        finite = torch.isfinite(x)
         sample = int(torch.nonzero(~finite.flatten(1).all(dim=1))[0, 0])
         raise ValueError(
             f"{model}: the input batch contains {int((~finite).sum())} NaN/Inf value(s) "
