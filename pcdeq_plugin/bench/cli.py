@@ -47,6 +47,33 @@ def _int_list(text: str) -> list[int]:
         ) from exc
 
 
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(part) for part in _csv(text)]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from exc
+
+
+_ATTACKS = ("fgsm", "pgd-l2", "pgd-linf")  # pcdeq_plugin.bench.robustness.ATTACKS
+_EPS_HELP = (
+    "comma-separated radii in PIXEL units of [0, 1] images, for every dataset (SVHN/CIFAR-10 "
+    "inputs are un-normalised, perturbed, clipped and normalised again); l2 for pgd-l2, "
+    "l_inf for fgsm and pgd-linf"
+)
+
+
+def _add_attack_options(p: argparse.ArgumentParser, default: str | None) -> None:
+    g = p.add_argument_group("robustness (plain-torch attacks, model in eval mode)")
+    g.add_argument(
+        "--attack", choices=_ATTACKS, default=default,
+        help=f"default {default or 'none (no attack)'}",
+    )  # fmt: skip
+    g.add_argument(
+        "--attack-steps", dest="attack_steps", type=int, default=10,
+        help="PGD steps (default 10; step size 2.5 eps / steps)",
+    )  # fmt: skip
+
+
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     """Options shared by train and compare. Defaults are ``None`` (= not given), so a
     resumed run and the model's training presets are only overridden on purpose."""
@@ -169,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--plugin", dest="plugins", action="append", metavar="MODULE", help="extra plugin module"
     )
+    _add_attack_options(p, None)
+    p.add_argument("--eps", type=_float_list, help=f"with --attack: {_EPS_HELP} (default 0.5,1,2)")
 
     p = sub.add_parser(
         "compare",
@@ -219,6 +248,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="run everything in this process (no crash isolation; peak memory is shared)",
     )
     p.add_argument("--no-plots", action="store_true", help="write the tables only")
+    p.add_argument(
+        "--robustness", metavar="EPS", type=_float_list,
+        help=f"after training, attack every run's last.pt at these radii: {_EPS_HELP}; adds "
+        "clean/adversarial accuracy, empirical and certified Lipschitz and certified-robust "
+        "accuracy to the table, and accuracy_vs_eps.png",
+    )  # fmt: skip
+    _add_attack_options(p, "pgd-l2")
     _add_run_options(p)
 
     p = sub.add_parser(
@@ -367,6 +403,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_checkpoint
 
+    if args.eps is not None and args.attack is None:
+        raise _UsageError(f"--eps needs --attack ({', '.join(_ATTACKS)})")
+    attack = {}
+    if args.attack is not None:
+        attack = {"attack": args.attack, "eps": args.eps or [0.5, 1.0, 2.0]}
+        attack["attack_steps"] = args.attack_steps
     result = evaluate_checkpoint(
         args.checkpoint,
         dataset=args.dataset,
@@ -376,6 +418,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         limit=args.test_limit,
         plugins=args.plugins or [],
+        **attack,
     )
     print(json.dumps(result, indent=2))
     return 0
@@ -398,6 +441,13 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     options = {**earlier, **_given(args, _RUN_KEYS)}
     _note_plan_plugins(plan, options.get("plugins") or [], plan_path)
     preset = args.preset if args.preset is not None else plan.get("preset", "small")
+    if args.robustness is not None:  # a bad radius fails before any training
+        from .robustness import check_eps
+
+        try:
+            check_eps(args.robustness)
+        except ValueError as exc:
+            raise _UsageError(f"--robustness: {exc}") from exc
     report = compare(
         args.models,
         args.seeds,
@@ -413,6 +463,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         log=lambda msg: print(msg, file=sys.stderr, flush=True),
         **options,
     )
+    if args.robustness:
+        report = _attack_comparison(args, options)
     print(report["markdown"])
     incomplete = report.get("incomplete") or {}
     if incomplete:
@@ -424,6 +476,21 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         )
         return 1
     return 0
+
+
+def _attack_comparison(args: argparse.Namespace, options: dict[str, Any]) -> dict[str, Any]:
+    from .report import collect_runs, write_report
+    from .robustness import check_eps
+    from .robustness_report import attack_runs
+
+    attack_runs(
+        collect_runs(Path(args.out_dir)),
+        attack=args.attack, eps=check_eps(args.robustness), steps=args.attack_steps,
+        limit=options.get("test_limit"), device=options.get("device", "auto"),
+        plugins=options.get("plugins") or [],
+        log=lambda msg: print(msg, file=sys.stderr, flush=True),
+    )  # fmt: skip
+    return write_report(args.out_dir, plots=not args.no_plots, reference=args.reference)
 
 
 def _note_plan_plugins(plan: dict[str, Any], given: list[str], plan_path: Path) -> None:

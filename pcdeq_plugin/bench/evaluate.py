@@ -86,6 +86,9 @@ def evaluate_checkpoint(
     batch_size: int = 256,
     limit: int | None = None,
     plugins: list[str] | None = None,
+    attack: str | None = None,
+    eps: list[float] | None = None,
+    attack_steps: int = 10,
 ) -> dict[str, Any]:
     """Rebuild the checkpoint's model, load its weights and evaluate it.
 
@@ -93,6 +96,8 @@ def evaluate_checkpoint(
         path: A ``last.pt``/``best.pt`` written by the harness.
         dataset: Dataset to score on (default: the one it was trained on). Its input shape
             and class count must match the checkpoint's.
+        attack: Also run this attack (``fgsm``, ``pgd-l2``, ``pgd-linf``) at the radii
+            ``eps`` (pixel scale) with ``attack_steps`` steps; adds ``robustness``.
 
     Returns:
         ``test_acc``, ``test_loss``, forward iterations/NFE and failed solves, plus identity.
@@ -156,6 +161,13 @@ def evaluate_checkpoint(
         test_set, batch_size=batch_size, shuffle=False, pin_memory=dev.type == "cuda"
     )
     metrics = evaluate(model, loader, dev, config.get("amp", "off"), progress=None)
+    if attack is not None:  # the robustness axis: pcdeq_plugin.bench.robustness
+        from .robustness import pixel_space, robustness_metrics
+
+        metrics["robustness"] = robustness_metrics(
+            model, loader, kind=attack, eps=eps or [], space=pixel_space(name),
+            steps=attack_steps, device=dev,
+        )  # fmt: skip
     return {
         "checkpoint": str(Path(path)),
         "model": config["model"],

@@ -16,6 +16,7 @@ from typing import Any
 from .checkpoint import atomic_write_bytes
 from .config import ConfigError, TrainConfig
 from .metrics import write_json
+from .robustness_report import robustness_section
 
 __all__ = [
     "add_ratios",
@@ -527,6 +528,8 @@ def write_report(
     meta = {k: plan[k] for k in ("dataset", "epochs", "seeds", "jobs", "interrupted") if k in plan}
     meta["reference"] = chosen
     markdown = render_markdown(rows, meta)
+    robust_md, robust_rows = robustness_section(results, runs, plots=plots)  # compare --robustness
+    markdown += robust_md
     try:
         atomic_write_bytes(results / "compare.md", markdown.encode())
     except OSError as exc:
@@ -536,6 +539,8 @@ def write_report(
         ) from exc
     slim_runs = [{k: v for k, v in r.items() if k not in ("history", "config")} for r in runs]
     report = {"meta": {**plan, "reference": chosen}, "rows": rows, "runs": slim_runs}
+    if robust_rows:
+        report["robustness"] = robust_rows
     incomplete: dict[str, int] = {}
     for run in runs:
         if run.get("status") == "interrupted":
