@@ -80,6 +80,12 @@ def test_certified_accuracy_is_sound_and_the_lipschitz_estimate_respects_the_bou
     for a in result["adversarial"]:
         assert a["certified_acc"] <= a["acc"] + 1e-12
     assert certified[0] > 0 and certified == sorted(certified, reverse=True)
+    # the stated formula: correct with margin > sqrt(2) gamma eps (l2, pixel space)
+    with torch.no_grad():
+        margins = torch.cat([logit_margin(trained_lben(x), y) for x, y in test_batches])
+    for a in result["adversarial"]:
+        expected = (margins > math.sqrt(2) * gamma * a["eps"]).double().mean()
+        assert a["certified_acc"] == pytest.approx(float(expected), abs=1 / 120 + 1e-9)
 
 
 def test_no_certificate_for_a_model_without_a_bound(test_batches):
