@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -65,7 +66,10 @@ def test_console_script_compare_on_a_slice(tmp_path: Path) -> None:
     assert "| bench-tiny-deq |" in done.stdout and "not registered" in done.stdout
     report = json.loads((out / "compare.json").read_text())
     rows = {row["model"]: row for row in report["rows"]}
-    assert rows["bench-tiny-deq"]["ok"] == 2 and rows["bench-tiny-deq"]["test_acc_std"] is not None
+    assert rows["bench-tiny-deq"]["ok"] == 2
+    accuracies = [r["test_acc"] for r in report["runs"] if r["model"] == "bench-tiny-deq"]
+    assert rows["bench-tiny-deq"]["test_acc_std"] == pytest.approx(statistics.stdev(accuracies))
+    assert rows["bench-tiny-deq"]["test_acc_mean"] == pytest.approx(statistics.fmean(accuracies))
     assert rows["bench-tiny-deq"]["peak_mem_kind"] == "cpu_rss_high_water"
     assert (
         rows["bench-crash"]["status"] == "failed" and "always fails" in rows["bench-crash"]["error"]

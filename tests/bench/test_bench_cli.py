@@ -40,10 +40,15 @@ def test_train_eval_report_round_trip(tiny_plugin: str, tmp_path: Path, capsys) 
     summary = json.loads(capsys.readouterr().out)
     assert summary["status"] == "ok" and summary["params"] == 784 * 6 + 6 + 36 + 6 * 10 + 10
     assert main(["train", "--out", str(out), "--resume", "--epochs", "2", "--no-progress"]) == 0
-    assert json.loads(capsys.readouterr().out)["epochs_completed"] == 2
+    resumed = json.loads(capsys.readouterr().out)
+    assert resumed["epochs_completed"] == 2
     assert main(["eval", str(out / "best.pt"), "--test-limit", "50", "--device", "cpu"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["images"] == 50 and 0 <= result["test_acc"] <= 1 and result["trained_epochs"] >= 1
+    assert result["images"] == 50 and result["trained_epochs"] == resumed["best_epoch"]
+    # the same 32 test images in the same batches: exactly the accuracy training recorded
+    argv = ["eval", str(out / "best.pt"), "--test-limit", "32", "--batch-size", "32"]
+    assert main([*argv, "--device", "cpu"]) == 0
+    assert json.loads(capsys.readouterr().out)["test_acc"] == resumed["best_test_acc"]
     assert main(["report", str(out), "--no-plots"]) == 0
     assert "| bench-tiny-deq | tiny | small |" in capsys.readouterr().out
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import statistics
 from pathlib import Path
 
 import pytest
@@ -43,7 +44,10 @@ def test_compare_in_process_reports_ok_failed_and_unregistered(
     rows = {row["model"]: row for row in report["rows"]}
     tiny = rows["bench-tiny-deq"]
     assert tiny["status"] == "ok" and tiny["ok"] == 2 and tiny["seeds"] == [0, 1]
-    assert 0 <= tiny["test_acc_mean"] <= 1 and tiny["test_acc_std"] >= 0
+    accuracies = [r["test_acc"] for r in report["runs"] if r["model"] == "bench-tiny-deq"]
+    assert len(accuracies) == 2
+    assert tiny["test_acc_mean"] == pytest.approx(statistics.fmean(accuracies), rel=1e-12)
+    assert tiny["test_acc_std"] == pytest.approx(statistics.stdev(accuracies), rel=1e-12)
     assert (
         tiny["params"] > 0
         and tiny["fwd_iters"] > 1
