@@ -250,6 +250,7 @@ class PcDEQLinear(PcDEQBlock):
         kwargs.setdefault("name", f"PcDEQLinear({features})")
         super().__init__(nn.Linear(features, features, bias=False), **kwargs)
         self.features = features
+        self.macs_per_element = features  # multiply-adds of W z per state element
 
     def linear_map(self, z: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         return F.linear(z, self.weight if weight is None else weight)
@@ -300,6 +301,7 @@ class PcDEQConv(PcDEQBlock):
         super().__init__(conv, **kwargs)
         self.channels = channels
         self.kernel_size = kernel_size
+        self.macs_per_element = channels * kernel_size**2  # of W z per state element
 
     def linear_map(self, z: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         return F.conv2d(z, self.weight if weight is None else weight, padding=self.kernel_size // 2)

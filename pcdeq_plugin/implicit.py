@@ -203,8 +203,7 @@ def solve_implicit(
     z0 = z0.detach()
     if z0.dtype in _LOW_PRECISION:
         z0 = z0.float()
-    positive = isinstance(f, FixedPointMap) and f.positive_concave
-    warm_dtype = resolve_warm_start(config.warm_start, z0, positive)
+    warm_dtype = resolve_warm_start(config.warm_start, z0, f)
 
     with _autocast_off(device_type):
         with torch.no_grad():

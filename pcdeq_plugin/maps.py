@@ -20,9 +20,20 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["AdjointMapFactory", "FixedPointMap", "LinearizedStep", "MapFn"]
+__all__ = [
+    "AdjointMapFactory",
+    "FixedPointMap",
+    "LinearizedStep",
+    "MIN_WARM_START_ELEMENTS",
+    "MapFn",
+]
 
 MapFn = Callable[[torch.Tensor], torch.Tensor]
+#: Below this many state elements a map is dominated by per-operation overhead, not by
+#: arithmetic, and the casts of a low-precision warm start cost more than they save
+#: (measured on the linear pcDEQ nets: 64 x 80 states).
+MIN_WARM_START_ELEMENTS = 1 << 16
+
 #: ``grad -> (y -> J^T y + grad)``: the adjoint map for one incoming gradient
 AdjointMapFactory = Callable[[torch.Tensor], MapFn]
 
@@ -65,6 +76,14 @@ class FixedPointMap:
                 return self(z.to(dtype))
 
         return low
+
+    def low_precision_pays(self, state: torch.Tensor) -> bool:
+        """Whether iterating in low precision is faster than float32 for ``state``.
+
+        Default: the state has at least :data:`MIN_WARM_START_ELEMENTS` elements, so that
+        arithmetic, not per-operation overhead, dominates.
+        """
+        return state.numel() >= MIN_WARM_START_ELEMENTS
 
     def linearized_step(self, z_star: torch.Tensor) -> LinearizedStep | None:
         """The differentiable step with an analytic adjoint, or ``None`` (use autograd)."""

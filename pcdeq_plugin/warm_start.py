@@ -31,11 +31,10 @@ import torch
 
 from .interface import WARM_START_CHOICES
 from .iteration import residual_norms
-from .maps import MapFn
+from .maps import FixedPointMap, MapFn
 
 __all__ = [
     "LOW_PRECISION",
-    "MIN_WARM_START_ELEMENTS",
     "WARM_START_CHOICES",
     "has_fast_bf16",
     "resolve_warm_start",
@@ -43,11 +42,6 @@ __all__ = [
 ]
 
 LOW_PRECISION: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-#: Below this many state elements a map is dominated by per-operation overhead, not by
-#: arithmetic, and the casts of a warm start cost more than low precision saves
-#: (measured on the linear pcDEQ nets: 64 x 80 states).
-MIN_WARM_START_ELEMENTS = 1 << 16
 
 #: The warm phase stops once the worst open residual shrinks by less than this factor per
 #: iteration: the low precision's rounding floor has been reached.
@@ -70,13 +64,15 @@ def has_fast_bf16(device: torch.device | str) -> bool:
 
 
 def resolve_warm_start(
-    choice: str, state: torch.Tensor, positive_concave: bool
+    choice: str, state: torch.Tensor, fn: MapFn | FixedPointMap
 ) -> torch.dtype | None:
     """The warm-start precision for one solve, or ``None`` for no warm start.
 
-    ``"auto"`` picks bfloat16 for a float32 state of a positive concave map with at least
-    :data:`MIN_WARM_START_ELEMENTS` elements on hardware with fast bfloat16; ``"bf16"`` and
-    ``"fp16"`` force it; ``"off"`` disables it.
+    ``"auto"`` picks bfloat16 for a float32 state of a positive concave map on hardware
+    with fast bfloat16, where the map says low precision pays
+    (:meth:`~pcdeq_plugin.maps.FixedPointMap.low_precision_pays`: a large state, and for
+    pcDEQ cells enough multiply-adds per element); ``"bf16"`` and ``"fp16"`` force it;
+    ``"off"`` disables it.
     """
     if choice == "off":
         return None
@@ -86,10 +82,10 @@ def resolve_warm_start(
         raise ValueError(
             f"unknown warm_start {choice!r}; choose one of {', '.join(WARM_START_CHOICES)}"
         )
-    pays = state.dtype == torch.float32 and state.numel() >= MIN_WARM_START_ELEMENTS
-    if positive_concave and pays and has_fast_bf16(state.device):
-        return torch.bfloat16
-    return None
+    if not (isinstance(fn, FixedPointMap) and fn.positive_concave):
+        return None
+    pays = state.dtype == torch.float32 and fn.low_precision_pays(state)
+    return torch.bfloat16 if pays and has_fast_bf16(state.device) else None
 
 
 def warm_iterate(
