@@ -98,8 +98,10 @@ def _twins(core: str):
         pcdeq_defaults(), core=core, f_tol=1e-11, f_max_iter=500, b_tol=1e-12, b_max_iter=500
     )
     client = TorchDEQClient(args)
+    # check_every=1: test convergence at every iteration, as TorchDEQ's solvers do (the
+    # native default predicts the checks), so the two stopping iterations are comparable
     native = NativeNet(
-        SolverConfig(tol=1e-11, max_iter=500, backward_tol=1e-11, on_failure="raise")
+        SolverConfig(tol=1e-11, max_iter=500, backward_tol=1e-11, on_failure="raise", check_every=1)
     )
     with torch.no_grad():
         w0 = torch.rand(WIDTH, WIDTH) * (2.0 / WIDTH)  # large enough to matter, still pcDEQ
