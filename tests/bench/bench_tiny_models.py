@@ -96,7 +96,17 @@ class TinyDEQ(ImplicitModel):
         INSTANCES.append(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _hold_while_asked(self.training)
         return self.head(self.drop(self.block(self.inject(x.flatten(1)))))
+
+
+def _hold_while_asked(training: bool) -> None:
+    """With BENCH_TINY_HOLD=PATH, training waits (up to 2 minutes) until PATH exists: a
+    test can keep a run in the middle of its first epoch while it starts another one."""
+    hold = os.environ.get("BENCH_TINY_HOLD")
+    deadline = time.monotonic() + 120
+    while training and hold and not Path(hold).exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
 
 
 class CrashModel(TinyDEQ):
