@@ -52,6 +52,7 @@ _LAZY: dict[str, str] = {
     "solve_implicit": "implicit",
     "register": "torchdeq_bridge",
     "add_pcdeq_args": "torchdeq_bridge",
+    "register_pc_nonneg_module": "torchdeq_bridge",
     "verify_activation": "activation_checks",
     "ActivationCheckError": "activation_checks",
 }

@@ -285,31 +285,40 @@ class _HostChecks:
 
     def __init__(self, z0: torch.Tensor, tol: float) -> None:
         self.tol = tol
-        batch = z0.shape[0]
-        self.done = np.zeros(batch, dtype=bool)
-        self.converged = np.zeros(batch, dtype=bool)
-        dtype = np.float64 if z0.dtype == torch.float64 else np.float32
-        self.final = np.full(batch, math.inf, dtype=dtype)
-        self.value: torch.Tensor | None = None
+        self.batch = z0.shape[0]
+        self.float_dtype = np.float64 if z0.dtype == torch.float64 else np.float32
+        self.value: torch.Tensor | None = None  # set once some samples are done
         self.current: np.ndarray | None = None
+        self.done = self.converged = self.final = None  # per-sample arrays, made lazily
 
     def residual(self, fz: torch.Tensor, z: torch.Tensor, check: bool) -> torch.Tensor:
         if not check:  # a solver that needs the residual on every step: stay in torch
             diff, image = _stacked_norms(fz, z)
             return diff / (image + RESIDUAL_EPS)
-        norms = _stacked_norms(fz, z).numpy()  # one read
-        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            self.current = norms[0] / (norms[1] + RESIDUAL_EPS)
+        diff, image = _stacked_norms(fz, z).numpy()  # one read
+        if np.isfinite(image).all():  # no inf/inf or overflow: NumPy has nothing to warn of
+            self.current = diff / (image + RESIDUAL_EPS)
+        else:
+            with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+                self.current = diff / (image + RESIDUAL_EPS)
         return torch.from_numpy(self.current)
 
     def check(self, fz: torch.Tensor) -> tuple[bool, float]:
         residual = self.current
         assert residual is not None
+        if self.value is None:  # nothing finished at an earlier check: the common cases
+            worst = residual.max()  # NaN if any sample is NaN
+            if worst < self.tol:  # every sample at once
+                self.value, self.final = fz, residual
+                self.converged = self.done = np.ones(self.batch, dtype=bool)
+                return True, 0.0
+            if residual.min() >= self.tol and worst < math.inf:  # none yet
+                return False, float(worst)
+            self.done = np.zeros(self.batch, dtype=bool)
+            self.converged = np.zeros(self.batch, dtype=bool)
+            self.final = np.full(self.batch, math.inf, dtype=self.float_dtype)
         ok = residual < self.tol  # False for NaN
         finished = ok | ~np.isfinite(residual)
-        if self.value is None and finished.all():  # the common case: all at once
-            self.value, self.final, self.converged, self.done = fz, residual, ok, finished
-            return True, 0.0
         still_open = ~self.done
         if self.value is None or still_open.all():
             self.value = fz
@@ -320,12 +329,16 @@ class _HostChecks:
         self.done = self.done | finished
         if self.done.all():
             return True, 0.0
-        open_residuals = residual[~self.done]
-        return False, float(open_residuals.max())
+        return False, float(residual[~self.done].max())
 
     def result(self, fz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        value = fz if self.value is None else self.value
-        return value, torch.from_numpy(self.final), torch.from_numpy(self.converged)
+        if self.value is None:  # the cap, with nothing finished: the last check's figures
+            residual = self.current
+            if residual is None:  # no check ran (max_iter reached before the first)
+                residual = np.full(self.batch, math.inf, dtype=self.float_dtype)
+            ok = residual < self.tol
+            return fz, torch.from_numpy(residual), torch.from_numpy(ok)
+        return self.value, torch.from_numpy(self.final), torch.from_numpy(self.converged)
 
 
 class _DeviceChecks:
