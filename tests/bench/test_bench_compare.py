@@ -254,21 +254,25 @@ def test_ctrl_c_leaves_the_table_of_what_finished(
 
     compare_module = importlib.import_module("pcdeq_plugin.bench.compare")
 
-    real = compare_module._run_one
+    real = compare_module.run_one
 
     def interrupted_on_seed_1(config: dict) -> str | None:
         if config["seed"] == 1:
             raise KeyboardInterrupt
         return real(config)
 
-    monkeypatch.setattr(compare_module, "_run_one", interrupted_on_seed_1)
+    monkeypatch.setattr(compare_module, "run_one", interrupted_on_seed_1)
     out = tmp_path / "cmp"
     with pytest.raises(KeyboardInterrupt):
         compare(["bench-tiny-deq"], [0, 1], out_dir=out, isolate=False, log=None,
                 plugins=[tiny_plugin], **SMALL)  # fmt: skip
     table = (out / "compare.md").read_text()
     assert "**Interrupted**" in table and "| bench-tiny-deq |" in table
-    assert json.loads((out / "compare.json").read_text())["rows"][0]["ok"] == 1
+    (saved,) = json.loads((out / "compare.json").read_text())["rows"]
+    assert saved["ok"] == 1 and saved["runs"] == 2 and saved["incomplete"] == 1
+    # the seed that never started is "not started", not "failed" (issue 13, item 8)
+    assert saved["status"] == "partial" and "seed 1: not started" in saved["error"]
+    assert "failed" not in saved["error"]
     stopped = {"model": "m", "status": "interrupted", "seed": 0, "error": "KeyboardInterrupt"}
     (row,) = aggregate([stopped])
     assert row[
