@@ -176,7 +176,8 @@ class _CheckSchedule:
         step = 1
         if previous is not None:
             j, r_j = previous
-            if 0 < worst < r_j and math.isfinite(r_j):
+            # j == k: the zero-start prior at iteration 1 and a check there (max_iter = 1)
+            if k > j and 0 < worst < r_j and math.isfinite(r_j):
                 rate = (worst / r_j) ** (1.0 / (k - j))
                 needed = math.log(self.tol / worst) / math.log(rate)
                 if math.isfinite(needed):

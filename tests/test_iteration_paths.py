@@ -76,3 +76,14 @@ def test_device_path_stops_nan_samples(float64, monkeypatch, solver_name):
     host, device = _solve_both(monkeypatch, solver_name, problem.map(), z0, tol=1e-10, max_iter=300)
     _assert_same(host, device)
     assert device.stats.converged.tolist() == [True, False, True]
+
+
+@pytest.mark.parametrize("max_iter", [1, 2, 3])
+def test_predicted_schedule_at_tiny_caps(float64, max_iter):
+    # a check at iteration 1 (the cap) meets the zero-start prior of the same iteration
+    problem = ZOO["dense_tanh"]()
+    result = get_solver("fixed_point")(
+        problem.map(), problem.zeros(), tol=1e-12, max_iter=max_iter, check_every=None
+    )
+    assert result.stats.iterations == max_iter
+    assert not result.stats.all_converged
