@@ -36,6 +36,7 @@ from .constraints import (
 from .implicit import make_solvers, solve_implicit
 from .interface import ImplicitBlock, SolverConfig
 from .registry import ActivationSpec, get_activation
+from .residuals import LOW_PRECISION
 
 __all__ = ["DEFAULT_ACTIVATIONS", "PcDEQBlock", "PcDEQConv", "PcDEQLinear"]
 
@@ -209,6 +210,8 @@ class PcDEQBlock(ImplicitBlock):
             ``z*`` with the shape of the input; ``self.last_stats`` holds the solve records.
         """
         self.check_pre_injection(pre_injection)
+        if pre_injection.dtype in LOW_PRECISION:  # autocast upstream: the block solves in fp32
+            pre_injection = pre_injection.float()
         u = self.injection(pre_injection)
         # cached(): W is computed once per solve; reading it here, in the caller's grad
         # mode, keeps its graph to the parametrization's tensors for the one

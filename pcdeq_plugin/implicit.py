@@ -43,80 +43,22 @@ float32; later autocast regions cast it as they need.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import time
-import warnings
 
 import torch
 
-from .interface import (
-    FAILURE_POLICIES,
-    BlockStats,
-    ConvergenceError,
-    ConvergenceWarning,
-    FixedPointResult,
-    SolverConfig,
-    SolveStats,
-)
-from .maps import FixedPointMap, LinearizedStep, MapFn
+from .adjoint import differentiable_step
+from .autocast import autocast_off
+from .failure import enforce_failure_policy
+from .interface import BlockStats, FixedPointResult, SolverConfig
+from .maps import FixedPointMap, MapFn
 from .registry import FixedPointSolver, UnknownNameError, get_solver
 from .warm_start import resolve_warm_start, warm_iterate
 
 __all__ = ["enforce_failure_policy", "make_solvers", "solve_implicit"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-def enforce_failure_policy(
-    stats: SolveStats,
-    on_failure: str,
-    *,
-    block: str = "solve_implicit",
-    phase: str = "forward",
-    tol: float | None = None,
-) -> None:
-    """Apply a failure policy to one solve's statistics.
-
-    A solve that left some samples unconverged (cap reached, or NaN/Inf met) is always
-    recorded in ``stats``; this decides whether it is also announced.
-
-    Args:
-        stats: The solve's statistics.
-        on_failure: ``"ignore"``, ``"warn"`` (:class:`ConvergenceWarning`) or ``"raise"``
-            (:class:`ConvergenceError`).
-        block: Name of the block, used in the message.
-        phase: ``"forward"`` or ``"backward"``, used in the message.
-        tol: The tolerance, used in the message.
-
-    Raises:
-        ConvergenceError: some samples failed and ``on_failure == "raise"``.
-        ValueError: unknown policy.
-    """
-    if on_failure not in FAILURE_POLICIES:
-        raise ValueError(
-            f"unknown on_failure {on_failure!r}; choose one of {', '.join(FAILURE_POLICIES)}"
-        )
-    if on_failure == "ignore":
-        return  # not even a host synchronisation
-    failed = stats.num_failed
-    if failed == 0:
-        return
-    nonfinite = int((~torch.isfinite(stats.residual)).sum().item())
-    tol_text = f", tol={tol:g}" if tol is not None else ""
-    message = (
-        f"{block}: {phase} solve ({stats.solver or 'solver'}) did not converge for "
-        f"{failed}/{stats.batch_size} samples after {stats.iterations} iterations "
-        f"(max_iter={stats.max_iter}{tol_text}); worst residual {stats.max_residual:.3e}"
-    )
-    if nonfinite:
-        message += (
-            f"; {nonfinite} sample(s) hit non-finite values (NaN/Inf) in the state or the "
-            "map's output and were stopped"
-        )
-    if on_failure == "raise":
-        raise ConvergenceError(message)
-    warnings.warn(message, ConvergenceWarning, stacklevel=3)
 
 
 def make_solvers(config: SolverConfig) -> tuple[FixedPointSolver, FixedPointSolver]:
@@ -141,22 +83,6 @@ def _build_solver(field: str, name: str, options: dict) -> FixedPointSolver:
         raise UnknownNameError(f"SolverConfig.{field}: {exc}") from None
     except TypeError as exc:
         raise TypeError(f"SolverConfig.solver_options: {exc}") from None
-
-
-def _autocast_off(device_type: str) -> contextlib.AbstractContextManager[None]:
-    """Disable autocast for the solve if it is on.
-
-    Tolerances of 1e-4 are below the resolution of half precision (float16 spacing near 1
-    is ~1e-3, bfloat16 ~8e-3): a half-precision solve would stall above the tolerance and
-    give noisy adjoints. The solve therefore runs in float32 with autocast disabled.
-    """
-    try:
-        enabled = torch.is_autocast_enabled(device_type)
-    except (TypeError, RuntimeError):  # a device type autocast does not know
-        enabled = False
-    if enabled:
-        return torch.autocast(device_type=device_type, enabled=False)
-    return contextlib.nullcontext()
 
 
 def solve_implicit(
@@ -205,7 +131,7 @@ def solve_implicit(
         z0 = z0.float()
     warm_dtype = resolve_warm_start(config.warm_start, z0, f)
 
-    with _autocast_off(device_type):
+    with autocast_off(device_type):
         with torch.no_grad():
             result = _solve(
                 forward_solver,
@@ -226,7 +152,7 @@ def solve_implicit(
         z_star = result.value.detach()
         if not torch.is_grad_enabled():
             return z_star
-        step = _differentiable_step(f, z_star, config, block)
+        step = differentiable_step(f, z_star, config, block)
     if step is None:
         return z_star  # nothing f uses requires grad: no graph, no hook
     z = step.output
@@ -242,7 +168,7 @@ def solve_implicit(
             )
         reentrant[0] = True
         try:
-            with _autocast_off(device_type):
+            with autocast_off(device_type):
                 adjoint_map = step.adjoint(grad)
                 warm = None
                 if step.adjoint_in is not None and warm_dtype is not None:
@@ -335,84 +261,3 @@ def _solve(
             seconds=time.perf_counter() - start,
         )
     return result
-
-
-def _differentiable_step(
-    f: MapFn | FixedPointMap,
-    z_star: torch.Tensor,
-    config: SolverConfig,
-    block: str,
-) -> LinearizedStep | None:
-    """The one differentiable step and its adjoint maps (``None``: nothing to differentiate).
-
-    ``adjoint="auto"`` uses the map's analytic adjoint where it has one, else autograd.
-    The autograd adjoint reuses the step's own graph for its vector-Jacobian products
-    (``reuse_step_graph=True``: one evaluation per training step instead of two), or
-    rebuilds that graph inside the backward hook (the paper's recipe).
-    """
-    if config.adjoint != "autograd" and isinstance(f, FixedPointMap):
-        step = f.linearized_step(z_star)
-        if step is not None:
-            return step if step.output.requires_grad else None
-    if config.adjoint == "analytic":
-        raise ValueError(
-            f"{block}: adjoint='analytic' needs a map with an analytic Jacobian (pcDEQ cells "
-            f"have one); this map is a {type(f).__name__}. Use adjoint='auto' or 'autograd'."
-        )
-    if not config.reuse_step_graph:
-        z = f(z_star)
-        if not z.requires_grad:
-            return None
-        return LinearizedStep(z, lambda grad: _rebuilt_vjp_map(f, z_star, grad))
-    z_leaf = z_star.detach().requires_grad_()
-    z = f(z_leaf)
-    if not _needs_more_than(z, z_leaf):
-        return None
-
-    def adjoint(grad: torch.Tensor) -> MapFn:
-        def adjoint_map(y: torch.Tensor) -> torch.Tensor:
-            (vjp,) = torch.autograd.grad(z, z_leaf, y, retain_graph=True, allow_unused=True)
-            return grad if vjp is None else vjp + grad
-
-        return adjoint_map
-
-    return LinearizedStep(z, adjoint)
-
-
-def _rebuilt_vjp_map(f: MapFn, z_star: torch.Tensor, grad: torch.Tensor) -> MapFn:
-    """``y -> J^T y + grad`` on a graph of ``f`` built now (and dropped after backward)."""
-    with torch.enable_grad():
-        z_leaf = z_star.detach().requires_grad_()
-        f0 = f(z_leaf)
-    if not f0.requires_grad:  # f does not depend on its state: J = 0
-        return lambda y: grad
-
-    def adjoint_map(y: torch.Tensor) -> torch.Tensor:
-        with torch.enable_grad():
-            (vjp,) = torch.autograd.grad(f0, z_leaf, y, retain_graph=True, allow_unused=True)
-        return grad if vjp is None else vjp + grad
-
-    return adjoint_map
-
-
-def _needs_more_than(output: torch.Tensor, leaf: torch.Tensor) -> bool:
-    """Whether ``output``'s graph reaches a tensor needing a gradient other than ``leaf``.
-
-    Walks back from ``output`` and stops at the first such leaf, so it visits a few nodes of
-    the one-evaluation graph, not the network upstream of the injection.
-    """
-    if output.grad_fn is None:
-        return False
-    stack, seen = [output.grad_fn], set()
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        variable = getattr(node, "variable", None)  # AccumulateGrad: a leaf
-        if variable is not None:
-            if variable is not leaf:
-                return True
-            continue
-        stack.extend(next_node for next_node, _ in node.next_functions)
-    return False

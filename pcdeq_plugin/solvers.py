@@ -26,8 +26,9 @@ from typing import Any
 import torch
 
 from .hookspecs import hookimpl
-from .iteration import RESIDUAL_EPS, IterativeSolver, _batch_where, per_sample_residual
+from .iteration import IterativeSolver
 from .registry import SolverSpec
+from .residuals import RESIDUAL_EPS, batch_where, per_sample_residual
 
 __all__ = [
     "AndersonAcceleration",
@@ -175,7 +176,7 @@ class AndersonAcceleration(IterativeSolver):
             state.accepted_fz, state.accepted_residual = fz, residual
         else:
             accept = ~state.was_candidate | (residual <= state.accepted_residual)
-            state.accepted_fz = _batch_where(accept, fz, state.accepted_fz)
+            state.accepted_fz = batch_where(accept, fz, state.accepted_fz)
             state.accepted_residual = torch.where(accept, residual, state.accepted_residual)
         plain = state.accepted_fz  # plain step from the last accepted point
         # 2. Remember the (genuine) pair (z, f(z)) in a circular buffer.
@@ -189,7 +190,7 @@ class AndersonAcceleration(IterativeSolver):
         leaves_orthant = (plain.flatten(1).amin(dim=1) >= 0) & (low < 0)
         use = accept & valid & finite & ~leaves_orthant
         state.was_candidate = use
-        return _batch_where(use, candidate, plain), state
+        return batch_where(use, candidate, plain), state
 
 
 _FIXED_POINT_OPTIONS: tuple[str, ...] = ()

@@ -30,8 +30,8 @@ import math
 import torch
 
 from .interface import WARM_START_CHOICES
-from .iteration import residual_norms
 from .maps import FixedPointMap, MapFn
+from .residuals import residual_norms
 
 __all__ = [
     "LOW_PRECISION",
@@ -119,7 +119,8 @@ def warm_iterate(
                 rate = (worst / last[1]) ** (1.0 / (k - last[0])) if last[1] > 0 else math.inf
                 if not rate < STALL_RATIO:  # the precision's floor, or no progress
                     return fz, k
-                next_check = k + max(1, math.ceil(math.log(tol / worst) / math.log(rate)))
+                needed = math.ceil(math.log(tol / worst) / math.log(rate))
+                next_check = k + min(max(1, needed), max(1, k // 2))  # see CheckSchedule
             last = (k, worst)
         z = fz
     return z, k

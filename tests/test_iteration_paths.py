@@ -2,7 +2,7 @@
 
 On the CPU the per-sample checks run in NumPy; on CUDA/MPS they stay on the device with
 one synchronisation per check. CI has no GPU, so the device path is run here on the CPU by
-emptying :data:`pcdeq_plugin.iteration.HOST_CHECK_DEVICES`.
+emptying :data:`pcdeq_plugin.convergence_checks.HOST_CHECK_DEVICES`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 import torch
 from solver_zoo import ZOO, slow_tanh_batch
 
-from pcdeq_plugin import get_solver, iteration
+from pcdeq_plugin import convergence_checks, get_solver
 
 BUILTIN = ("fixed_point", "anderson")
 
@@ -21,7 +21,7 @@ BUILTIN = ("fixed_point", "anderson")
 def _solve_both(monkeypatch, solver_name, fn, z0, **kwargs):
     solver = get_solver(solver_name)
     host = solver(fn, z0, **kwargs)
-    monkeypatch.setattr(iteration, "HOST_CHECK_DEVICES", ())
+    monkeypatch.setattr(convergence_checks, "HOST_CHECK_DEVICES", ())
     device = solver(fn, z0, **kwargs)
     monkeypatch.undo()
     return host, device
@@ -87,3 +87,20 @@ def test_predicted_schedule_at_tiny_caps(float64, max_iter):
     )
     assert result.stats.iterations == max_iter
     assert not result.stats.all_converged
+
+
+def test_predicted_schedule_never_skips_more_than_half_the_iterations_done(float64):
+    # a state that keeps growing from zero holds its relative residual near 1 for a while;
+    # a rate measured then would predict a skip far past convergence
+    problem = ZOO["dense_tanh"]()
+    fn = problem.map()
+
+    def slow_start(z: torch.Tensor) -> torch.Tensor:
+        return fn(z)
+
+    plain = get_solver("fixed_point")(slow_start, problem.zeros(), tol=1e-10, max_iter=500)
+    predicted = get_solver("fixed_point")(
+        slow_start, problem.zeros(), tol=1e-10, max_iter=500, check_every=None
+    )
+    n = plain.stats.iterations
+    assert n <= predicted.stats.iterations <= n + max(2, n // 2)

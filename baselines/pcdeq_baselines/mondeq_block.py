@@ -18,9 +18,9 @@ import time
 import torch
 
 from pcdeq_plugin import ImplicitBlock, SolveStats
-from pcdeq_plugin.implicit import enforce_failure_policy
+from pcdeq_plugin.autocast import solve_without_autocast
+from pcdeq_plugin.failure import enforce_failure_policy
 
-from .autocast import solve_without_autocast
 from .mondeq_ops import MonotoneOperator, Resolvent, State
 from .mondeq_splitting import (
     SplittingResult,

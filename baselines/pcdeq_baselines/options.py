@@ -9,14 +9,13 @@ same way in every family, and announce failed solves the same way.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 import torch
 
-from pcdeq_plugin import ConvergenceError, ConvergenceWarning
 from pcdeq_plugin.checks import all_finite
+from pcdeq_plugin.failure import announce_failure
 from pcdeq_plugin.interface import FAILURE_POLICIES
 
 __all__ = [
@@ -109,19 +108,3 @@ def check_input_shape(x: torch.Tensor, input_shape: tuple[int, ...], model: str)
             f"{model}: the input batch contains {int((~finite).sum())} NaN/Inf value(s) "
             f"(first in sample {sample}); nothing was updated -- clean or drop those inputs"
         )
-
-
-def announce_failure(
-    message: str, on_failure: str, *, cause: BaseException | None = None, stacklevel: int = 3
-) -> None:
-    """Apply a failure policy to an already recorded failed solve.
-
-    ``"ignore"`` does nothing, ``"warn"`` issues a :class:`~pcdeq_plugin.ConvergenceWarning`,
-    ``"raise"`` raises :class:`~pcdeq_plugin.ConvergenceError` (chained to ``cause``).
-    ``stacklevel`` counts from the caller of this function.
-    """
-    check_choice("on_failure", on_failure, FAILURE_POLICIES)
-    if on_failure == "raise":
-        raise ConvergenceError(message) from cause
-    if on_failure == "warn":
-        warnings.warn(message, ConvergenceWarning, stacklevel=stacklevel + 1)

@@ -47,8 +47,8 @@ from torchdeq import get_deq
 from torchdeq.solver import get_solver as _torchdeq_solver
 
 from pcdeq_plugin import BlockStats, ImplicitBlock, SolveStats
+from pcdeq_plugin.autocast import solve_without_autocast
 
-from .autocast import solve_without_autocast
 from .options import (
     FAILURE_POLICIES,
     announce_failure,
