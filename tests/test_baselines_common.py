@@ -9,8 +9,9 @@ import warnings
 
 import pytest
 import torch
-from pcdeq_baselines import geq, lben, mondeq, node, subdeq, unconstrained
-from pcdeq_baselines.ode_block import ODEBlock
+from pcdeq_baselines import deq, geq, lben, mondeq, node, subdeq
+from pcdeq_baselines.deq import UnconstrainedDEQBlock
+from pcdeq_baselines.node import ODEBlock
 from pcdeq_baselines.options import (
     announce_failure,
     check_count,
@@ -18,7 +19,6 @@ from pcdeq_baselines.options import (
     check_flag,
     check_positive_number,
 )
-from pcdeq_baselines.unconstrained_block import UnconstrainedDEQBlock
 from torch import nn
 
 import pcdeq_plugin
@@ -27,7 +27,7 @@ from pcdeq_plugin import ConvergenceError, ConvergenceWarning, build_model
 BASELINES = sorted(
     {
         **node.MODEL_SPECS,
-        **unconstrained.MODEL_SPECS,
+        **deq.MODEL_SPECS,
         **mondeq.MODEL_SPECS,
         **subdeq.MODEL_SPECS,
         **lben.MODEL_SPECS,

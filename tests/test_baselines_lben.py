@@ -9,7 +9,7 @@ import pytest
 import torch
 from pcdeq_baselines.lben import LbenConvNet, LbenConvOperator, LbenFcNet, LbenFcOperator
 from pcdeq_baselines.lben.operators import pool_adjoint
-from pcdeq_baselines.mondeq_splitting import relu_prox
+from pcdeq_baselines.mondeq.splitting import relu_prox
 
 from pcdeq_plugin import build_model
 

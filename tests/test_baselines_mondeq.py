@@ -8,10 +8,10 @@ import warnings
 import pytest
 import torch
 from pcdeq_baselines import mondeq
-from pcdeq_baselines.mondeq_fft import circular_conv, conv_transfer, from_frequency, to_frequency
-from pcdeq_baselines.mondeq_multitier import MonMultiTierOperator
-from pcdeq_baselines.mondeq_ops import MonFcOperator, MonSingleConvOperator, border_mask
-from pcdeq_baselines.mondeq_splitting import relu_prox, solve_equilibrium
+from pcdeq_baselines.mondeq.fft import circular_conv, conv_transfer, from_frequency, to_frequency
+from pcdeq_baselines.mondeq.multitier import MonMultiTierOperator
+from pcdeq_baselines.mondeq.ops import MonFcOperator, MonSingleConvOperator, border_mask
+from pcdeq_baselines.mondeq.splitting import relu_prox, solve_equilibrium
 
 from pcdeq_plugin import ConvergenceError, ConvergenceWarning, ImplicitModel, build_model
 

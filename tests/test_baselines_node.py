@@ -44,6 +44,26 @@ def test_parameter_counts_match_published_sizes(name, preset, shape, published):
     assert abs(_count(model) - published) / published < 0.02
 
 
+# (model, input shape, exact count without a preset): the size follows the input shape like
+# the other families' factories (issue 12: 3x32x32 gave 108,568 / 120,602 before)
+DEFAULT_SIZES = [
+    ("node", (1, 28, 28), 85_316),
+    ("node", (3, 32, 32), 173_611),
+    ("anode", (1, 28, 28), 85_462),
+    ("anode", (3, 32, 32), 172_452),
+]
+
+
+@pytest.mark.parametrize(("name", "shape", "expected"), DEFAULT_SIZES)
+def test_sizes_without_a_preset_follow_the_input_shape(name, shape, expected):
+    default = BUILDERS[name](shape, 10)
+    preset = "mnist" if shape[0] == 1 else "svhn"
+    assert _count(default) == expected
+    assert _count(default) == _count(
+        MODEL_SPECS[name].factory(shape, 10, **MODEL_SPECS[name].presets[preset])
+    )
+
+
 @pytest.mark.parametrize("name", sorted(MODEL_SPECS))
 def test_specs_are_complete(name):
     spec = MODEL_SPECS[name]

@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from pcdeq_baselines.unconstrained import (
+from pcdeq_baselines.deq import (
     ACTIVATIONS,
     MODEL_SPECS,
     SOLVERS,

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pcdeq_plugin import ModelSpec, hookimpl
 
-from . import geq, lben, mondeq, node, subdeq, unconstrained
+from . import deq, geq, lben, mondeq, node, subdeq
 
 
 @hookimpl
 def pcdeq_register_models() -> dict[str, ModelSpec]:
     specs: dict[str, ModelSpec] = {}
-    for module in (node, unconstrained, mondeq, subdeq, lben, geq):
+    for module in (node, deq, mondeq, subdeq, lben, geq):
         specs.update(module.MODEL_SPECS)
     return specs

@@ -49,7 +49,7 @@ from torchdeq.solver import get_solver as _torchdeq_solver
 from pcdeq_plugin import BlockStats, ImplicitBlock, SolveStats
 from pcdeq_plugin.autocast import solve_without_autocast
 
-from .options import (
+from ..options import (
     FAILURE_POLICIES,
     announce_failure,
     check_choice,

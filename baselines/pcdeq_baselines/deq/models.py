@@ -10,7 +10,7 @@ with an unconstrained recurrent weight ``W``, an ordinary bias ``b``, the pre-in
 ``u(x)`` used as it is (no positivity map) and an ordinary activation (``tanh`` by
 default). Nothing guarantees that a fixed point exists or that the solver finds it, so
 every solve's outcome is recorded; the cell, its TorchDEQ solve, its initialisation and
-its statistics are described in :mod:`pcdeq_baselines.unconstrained_block`.
+its statistics are described in :mod:`pcdeq_baselines.deq.block`.
 """
 
 from __future__ import annotations
@@ -24,15 +24,11 @@ from torch import nn
 
 from pcdeq_plugin import ImplicitModel, ModelSpec
 
-from .options import check_counts, check_input_shape, check_overrides
-from .unconstrained_block import ACTIVATIONS, RECURRENT_INITS, SOLVERS, UnconstrainedDEQBlock
+from ..options import check_counts, check_input_shape, check_overrides
+from .block import UnconstrainedDEQBlock
 
 __all__ = [
-    "ACTIVATIONS",
     "MODEL_SPECS",
-    "RECURRENT_INITS",
-    "SOLVERS",
-    "UnconstrainedDEQBlock",
     "UnconstrainedDEQLinear",
     "UnconstrainedDEQMultiConv",
     "UnconstrainedDEQSingleConv",

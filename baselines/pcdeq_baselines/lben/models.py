@@ -1,6 +1,6 @@
 """LBEN networks, factories and registry entries (``lben-fc``, ``lben-conv``).
 
-Both use :class:`~pcdeq_baselines.mondeq_block.MonDEQBlock`, i.e. monDEQ's splitting
+Both use :class:`~pcdeq_baselines.mondeq.MonDEQBlock`, i.e. monDEQ's splitting
 solves, Theorem-3 backward, alpha tuning, statistics and failure policy, on the operators of
 :mod:`.operators`. The released code has no multi-tier LBEN, so neither do we.
 """
@@ -14,8 +14,8 @@ import torch
 
 from pcdeq_plugin import ModelSpec
 
-from ..mondeq import _SOLVER_DEFAULTS, _MonDEQNet
-from ..mondeq_block import MonDEQBlock
+from ..mondeq.block import MonDEQBlock
+from ..mondeq.models import _SOLVER_DEFAULTS, _MonDEQNet
 from ..options import check_choice, check_count, check_overrides
 from .certificate import LipschitzCertificate, check_gamma, fc_lmi_min_eigenvalue
 from .operators import METRICS, LbenConvOperator, LbenFcOperator

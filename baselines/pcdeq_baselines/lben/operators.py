@@ -20,7 +20,7 @@ normal-cone resolvent, unchanged by a positive diagonal scaling),
 
 so the LBEN equilibrium is exactly the monDEQ equilibrium of ``W' = I - H`` with the
 injection ``Lambda u`` (``u = U x + b``). ``H + H^T >= 2 m I``, so ``W'`` is a monotone
-monDEQ operator and :mod:`..mondeq_splitting` (forward-backward, Peaceman-Rachford, the
+monDEQ operator and :mod:`pcdeq_baselines.mondeq.splitting` (forward-backward, Peaceman-Rachford, the
 Theorem-3 backward) applies unchanged. The same fixed point means the same function of the
 parameters, hence the same implicit gradients. (The released LBEN code iterates on ``W``
 itself in the ``Lambda``-weighted metric; the iterates differ, the equilibrium does not.)
@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..mondeq_fft import circular_conv, circular_conv_transpose
-from ..mondeq_ops import (
+from ..mondeq.fft import circular_conv, circular_conv_transpose
+from ..mondeq.ops import (
     MonFcOperator,
     MonSingleConvOperator,
     Resolvent,

@@ -1,10 +1,10 @@
 """The monDEQ equilibrium block: splitting solves, the Theorem-3 backward pass, alpha tuning.
 
-:class:`MonDEQBlock` wraps a linear part from :mod:`.mondeq_ops`. Forward: the splitting
-solve (:func:`.mondeq_splitting.solve_equilibrium`) under ``no_grad``, then one
+:class:`MonDEQBlock` wraps a linear part from :mod:`.ops`. Forward: the splitting
+solve (:func:`.splitting.solve_equilibrium`) under ``no_grad``, then one
 differentiable application ``z = relu(W z* + U x + b)``, then :class:`_AdjointStep`, an
 identity whose backward replaces the incoming gradient ``g`` by ``g + W^T u`` with ``u``
-from the linear splitting problem (:func:`.mondeq_splitting.solve_adjoint`). Both solves
+from the linear splitting problem (:func:`.splitting.solve_adjoint`). Both solves
 write a :class:`~pcdeq_plugin.SolveStats` into ``last_stats`` (iterations, the true
 per-sample residual, the stopping rule's per-sample verdict, seconds) and apply the
 ``on_failure`` policy, so a solve that hits its cap is always recorded and, unless told
@@ -21,8 +21,9 @@ from pcdeq_plugin import ImplicitBlock, SolveStats
 from pcdeq_plugin.autocast import solve_without_autocast
 from pcdeq_plugin.failure import enforce_failure_policy
 
-from .mondeq_ops import MonotoneOperator, Resolvent, State
-from .mondeq_splitting import (
+from ..options import FAILURE_POLICIES, check_choice, check_count, check_flag, check_positive_number
+from .ops import MonotoneOperator, Resolvent, State
+from .splitting import (
     SplittingResult,
     check_stop_rule,
     get_splitting,
@@ -31,7 +32,6 @@ from .mondeq_splitting import (
     solve_adjoint,
     solve_equilibrium,
 )
-from .options import FAILURE_POLICIES, check_choice, check_count, check_flag, check_positive_number
 
 __all__ = ["MonDEQBlock"]
 
@@ -43,7 +43,7 @@ class MonDEQBlock(ImplicitBlock):
     """One monDEQ equilibrium layer: returns the state tuple ``z*`` (one tensor per tier).
 
     Args:
-        operator: The linear part (:mod:`.mondeq_ops`).
+        operator: The linear part (:mod:`.ops`).
         splitting: ``"peaceman-rachford"`` (``"pr"``) or ``"forward-backward"`` (``"fb"``).
         alpha: Splitting step size; ``None`` picks 1.0 for Peaceman-Rachford (any
             ``alpha > 0`` converges) and 0.5 for forward-backward (which needs
@@ -54,7 +54,7 @@ class MonDEQBlock(ImplicitBlock):
         backward_tol: Tolerance of the backward solve (default ``tol``).
         backward_max_iter: Cap of the backward solve (default ``max_iter``).
         check_every: Test the stopping rule every this many iterations.
-        stop_rule: ``"change"`` (paper) or ``"residual"`` (see :mod:`.mondeq_splitting`).
+        stop_rule: ``"change"`` (paper) or ``"residual"`` (see :mod:`.splitting`).
         on_failure: ``"ignore"``, ``"warn"`` or ``"raise"`` for a solve that hits its cap.
         tune_alpha: Re-tune ``alpha`` during training at batch 30 and mid-epoch.
         steps_per_epoch: Training batches per epoch, to place the mid-epoch tuning

@@ -1,7 +1,7 @@
 """monDEQ: monotone operator equilibrium networks (Winston & Kolter, NeurIPS 2020).
 
 ``z* = relu(W z* + U x + b)`` with ``W = (1 - m) I - A^T A + B - B^T`` (m = 1), solved by
-forward-backward or Peaceman-Rachford splitting (:mod:`.mondeq_splitting`) and
+forward-backward or Peaceman-Rachford splitting (:mod:`.splitting`) and
 differentiated through the linear splitting problem of the paper's Theorem 3. Written from
 the paper; the released code (no licence, removed ``torch.rfft`` API) was only read.
 
@@ -43,16 +43,13 @@ from torch import nn
 
 from pcdeq_plugin import ImplicitModel, ModelSpec
 
-from .mondeq_block import MonDEQBlock
-from .mondeq_multitier import MonMultiTierOperator
-from .mondeq_ops import MonFcOperator, MonSingleConvOperator
-from .mondeq_splitting import SPLITTINGS
-from .options import check_count, check_counts, check_input_shape, check_overrides, is_mnist_like
+from ..options import check_count, check_counts, check_input_shape, check_overrides, is_mnist_like
+from .block import MonDEQBlock
+from .multitier import MonMultiTierOperator
+from .ops import MonFcOperator, MonSingleConvOperator
 
 __all__ = [
     "MODEL_SPECS",
-    "SPLITTINGS",
-    "MonDEQBlock",
     "MonDEQFcNet",
     "MonDEQMultiTierNet",
     "MonDEQSingleConvNet",

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .mondeq_fft import (
+from .fft import (
     circular_conv,
     circular_conv_transpose,
     conv_transfer,
@@ -22,7 +22,7 @@ from .mondeq_fft import (
     tiled_product,
     to_frequency,
 )
-from .mondeq_ops import MonotoneOperator, Resolvent, State, border_mask, eye_like, hermitian, unit
+from .ops import MonotoneOperator, Resolvent, State, border_mask, eye_like, hermitian, unit
 
 __all__ = ["MonMultiTierOperator"]
 

@@ -15,7 +15,7 @@ constant ``m`` for any ``A`` and ``B``: the equilibrium exists and is unique
 (Winston & Kolter, NeurIPS 2020, Theorems 1-2).
 
 Convolutional models use *circular* 3x3 convolutions, so the DFT block-diagonalises them
-and ``V`` costs one ``C x C`` inverse per spatial frequency (:mod:`.mondeq_fft`). To keep
+and ``V`` costs one ``C x C`` inverse per spatial frequency (:mod:`.fft`). To keep
 the wrap-around from mixing opposite image edges, the input is zero-padded by one pixel and
 the nonlinearity forces the one-pixel border of the state to zero (a projection onto a
 convex set, hence still a proximal operator, so the theory is untouched).
@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .mondeq_fft import (
+from .fft import (
     circular_conv,
     circular_conv_transpose,
     conv_transfer,

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .mondeq_ops import MonotoneOperator, Resolvent, State
+from .ops import MonotoneOperator, Resolvent, State
 
 __all__ = [
     "SPLITTINGS",

@@ -48,7 +48,7 @@ from torchdiffeq import odeint, odeint_adjoint
 
 from pcdeq_plugin import BlockStats, ImplicitBlock, SolveStats
 
-from .options import (
+from ..options import (
     FAILURE_POLICIES,
     announce_failure,
     check_choice,

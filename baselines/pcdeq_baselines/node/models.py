@@ -14,7 +14,7 @@ Solving (defaults as in the ANODE code): ``dopri5`` on ``[0, 1]`` with
 (``adjoint=True``); ``adjoint=False`` backpropagates through the solver's operations instead.
 Any torchdiffeq method can be chosen by name (``method="rk4", ode_options={"step_size": 0.25}``).
 The solve, its NFE statistics and what happens when it fails (it is recorded, and training
-goes on) are described in :mod:`pcdeq_baselines.ode_block`.
+goes on) are described in :mod:`pcdeq_baselines.node.block`.
 """
 
 from __future__ import annotations
@@ -27,17 +27,21 @@ from torch import nn
 
 from pcdeq_plugin import ImplicitModel, ModelSpec
 
-from .ode_block import ADAPTIVE_METHODS, ODE_METHODS, ODEBlock
-from .options import check_choice, check_count, check_flag, check_input_shape, check_overrides
+from ..options import (
+    check_choice,
+    check_count,
+    check_flag,
+    check_input_shape,
+    check_overrides,
+    is_mnist_like,
+)
+from .block import ODEBlock
 
 __all__ = [
-    "ADAPTIVE_METHODS",
     "MODEL_SPECS",
     "NONLINEARITIES",
-    "ODE_METHODS",
     "ConvODEFunc",
     "NeuralODEClassifier",
-    "ODEBlock",
     "build_anode",
     "build_node",
 ]
@@ -161,20 +165,43 @@ def _build(
     return NeuralODEClassifier(input_shape, num_classes, **{**defaults, **overrides})
 
 
+#: the paper sizes (ANODE code, quoted by monDEQ's Table 1), by input kind; the presets
+#: below name the same values per dataset
+_SIZES: dict[str, dict[str, dict[str, int]]] = {
+    "node": {"mnist": {"hidden": 92}, "color": {"hidden": 125}},
+    "anode": {
+        "mnist": {"hidden": 64, "augment_channels": 5},
+        "color": {"hidden": 64, "augment_channels": 10},
+    },
+}
+
+
+def _default_sizes(model: str, input_shape: tuple[int, int, int]) -> dict[str, int]:
+    # the same rule as the monDEQ/SubDEQ/GEQ factories: MNIST sizes for 1-channel <= 28x28
+    return dict(_SIZES[model]["mnist" if is_mnist_like(input_shape) else "color"])
+
+
 def build_node(
     input_shape: tuple[int, int, int], num_classes: int, **overrides: Any
 ) -> NeuralODEClassifier:
-    """NODE: the ANODE-code image ODE without augmentation (``hidden=92`` gives MNIST's 84K)."""
-    return _build(input_shape, num_classes, {"hidden": 92}, overrides, "node")
+    """NODE: the ANODE-code image ODE without augmentation.
+
+    Without a preset the size follows the input shape, as for the other families: MNIST-like
+    inputs get ``hidden=92`` (84K parameters), others ``hidden=125`` (172K on 3x32x32).
+    """
+    return _build(input_shape, num_classes, _default_sizes("node", input_shape), overrides, "node")
 
 
 def build_anode(
     input_shape: tuple[int, int, int], num_classes: int, **overrides: Any
 ) -> NeuralODEClassifier:
-    """ANODE: ``augment_channels`` zero channels appended (MNIST: ``hidden=64, p=5``, 84K)."""
-    return _build(
-        input_shape, num_classes, {"hidden": 64, "augment_channels": 5}, overrides, "anode"
-    )
+    """ANODE: ``augment_channels`` zero channels appended.
+
+    Without a preset the size follows the input shape: MNIST-like inputs get ``hidden=64,
+    p=5`` (84K parameters), others ``hidden=64, p=10`` (172K on 3x32x32).
+    """
+    defaults = _default_sizes("anode", input_shape)
+    return _build(input_shape, num_classes, defaults, overrides, "anode")
 
 
 # "small": one epoch over 4,000 MNIST images at batch 64 on 2 CPU cores in well under a
@@ -199,9 +226,9 @@ MODEL_SPECS: dict[str, ModelSpec] = {
         family="node",
         description="Neural ODE on the image (ANODE code, p=0): conv ODE, dopri5, linear read-out",
         presets={
-            "mnist": {"hidden": 92},  # 85,316 parameters ("84K")
-            "svhn": {"hidden": 125},  # 173,611 ("172K")
-            "cifar10": {"hidden": 125},
+            "mnist": dict(_SIZES["node"]["mnist"]),  # 85,316 parameters ("84K")
+            "svhn": dict(_SIZES["node"]["color"]),  # 173,611 ("172K")
+            "cifar10": dict(_SIZES["node"]["color"]),
             "small": {"hidden": 8, **_SMALL},
         },
         training=dict(_ODE_TRAINING),
@@ -212,9 +239,9 @@ MODEL_SPECS: dict[str, ModelSpec] = {
         family="anode",
         description="Augmented neural ODE: p zero channels appended, conv ODE, dopri5, linear read-out",
         presets={
-            "mnist": {"hidden": 64, "augment_channels": 5},  # 85,462 ("84K")
-            "svhn": {"hidden": 64, "augment_channels": 10},  # 172,452 ("172K")
-            "cifar10": {"hidden": 64, "augment_channels": 10},
+            "mnist": dict(_SIZES["anode"]["mnist"]),  # 85,462 ("84K")
+            "svhn": dict(_SIZES["anode"]["color"]),  # 172,452 ("172K")
+            "cifar10": dict(_SIZES["anode"]["color"]),
             "small": {"hidden": 8, "augment_channels": 2, **_SMALL},
         },
         training=dict(_ODE_TRAINING),

@@ -33,8 +33,8 @@ from torch import nn
 from pcdeq_plugin import ImplicitBlock, SolverConfig, solve_implicit
 from pcdeq_plugin.implicit import make_solvers
 
-from .options import check_flag
-from .subdeq_certificate import SubhomogeneityCertificate, activation_coefficient, tanh_slope_bound
+from ..options import check_flag
+from .certificate import SubhomogeneityCertificate, activation_coefficient, tanh_slope_bound
 
 __all__ = [
     "NORMALIZED_SHIFT",

@@ -4,7 +4,7 @@ A map ``F`` on the positive cone is mu-subhomogeneous when ``|F'(z)| z <= mu F(z
 entrywise; then it is a mu-contraction of the Thompson metric ``||log x - log y||_inf``
 (reference baselines.md section 5.1). For the SubDEQ layer
 ``F(z) = tanh(W z) + y + c`` (``y >= 0``) this module provides the activation's
-coefficient, the closed-form slope bound used by :meth:`.subdeq_block.SubDEQBlock.certificate`,
+coefficient, the closed-form slope bound used by :meth:`.block.SubDEQBlock.certificate`,
 and the record it returns.
 """
 

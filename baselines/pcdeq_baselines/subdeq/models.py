@@ -1,6 +1,6 @@
 """SubDEQ: subhomogeneous deep equilibrium models (Sittoni & Tudisco, ICML 2024).
 
-The released networks around the SubDEQ layer of :mod:`.subdeq_block`
+The released networks around the SubDEQ layer of :mod:`.block`
 (``tanh(W z) + relu(U x + b) + c``, optionally normalised per sample), built by name with
 the released sizes and training recipe: ``subdeq-fc``, ``subdeq-conv`` and their
 ``-normalized`` variants (shift 1.603 and infinity-norm normalisation). Every model offers
@@ -28,29 +28,19 @@ from torch import nn
 from pcdeq_plugin import ImplicitModel, ModelSpec, SolverConfig
 from pcdeq_plugin.interface import split_solver_options
 
-from .options import check_count, check_input_shape, check_overrides, is_mnist_like
-from .subdeq_block import (
-    NORMALIZED_SHIFT,
-    PLAIN_SHIFT,
+from ..options import check_count, check_input_shape, check_overrides, is_mnist_like
+from .block import (
     SUBDEQ_SOLVER,
     SubDEQBlock,
     SubDEQConvBlock,
     SubDEQLinearBlock,
 )
-from .subdeq_certificate import SubhomogeneityCertificate, activation_coefficient
+from .certificate import SubhomogeneityCertificate
 
 __all__ = [
     "MODEL_SPECS",
-    "NORMALIZED_SHIFT",
-    "PLAIN_SHIFT",
-    "SUBDEQ_SOLVER",
-    "SubDEQBlock",
-    "SubDEQConvBlock",
     "SubDEQConvNet",
     "SubDEQFcNet",
-    "SubDEQLinearBlock",
-    "SubhomogeneityCertificate",
-    "activation_coefficient",
     "make_subdeq_conv",
     "make_subdeq_conv_normalized",
     "make_subdeq_fc",
