@@ -93,13 +93,12 @@ def test_auto_layout_is_chosen_per_device() -> None:
 
 
 def test_bad_memory_format_is_refused_with_the_choices() -> None:
-    with pytest.raises(
-        ValueError, match="unknown memory_format 'nhwc'; choose one of auto, channels_last, contig"
-    ):
+    # the message names the bad value and lists the choices (whatever its wording)
+    with pytest.raises(ValueError, match="memory_format 'nhwc'.*auto, channels_last, contiguous"):
         P.build_model("pcdeq-single-conv-1", MNIST, 10, preset="small", memory_format="nhwc")
     with pytest.raises(ValueError, match="unknown memory_format"):
         P.build_model("pcdeq-multi-conv-2", MNIST, 10, preset="small", memory_format=None)
-    with pytest.raises(TypeError, match="unknown option\\(s\\) memory_format; valid options:"):
+    with pytest.raises(TypeError, match="unknown option.*memory_format.*valid options:"):
         P.build_model("pcdeq-linear-1", MNIST, 10, memory_format="channels_last")
 
 
@@ -147,17 +146,6 @@ def _problems():
     yield "slow_tanh_batch", *slow_tanh_batch((0.5, 0.2, 0.05))
 
 
-def _overshoot_allowed(n1: int) -> int:
-    """Evaluations a predicted schedule may add to the every-iteration stop.
-
-    A couple from rounding the prediction up, or a fifth of the solve: the first
-    prediction extrapolates the rate of the first iterations (from the zero-start prior),
-    which is slower than a pcDEQ map's asymptotic rate (dense_sigmoid at tol 1e-10: rate
-    0.3 observed, 0.24 asymptotic; 21 iterations instead of 18).
-    """
-    return max(2, math.ceil(0.2 * n1))
-
-
 def _compare_schedules(f, z0: torch.Tensor, tol: float, name: str) -> None:
     solver = P.get_solver("fixed_point")
     every = solver(f, z0, tol=tol, max_iter=3000, check_every=1)
@@ -166,7 +154,7 @@ def _compare_schedules(f, z0: torch.Tensor, tol: float, name: str) -> None:
     assert every.stats.all_converged and predicted.stats.all_converged, name
     # the same convergence test at a subset of the iterations: the predicted schedule
     # cannot stop earlier than checking every iteration, and must not stop much later
-    assert n1 <= n <= n1 + _overshoot_allowed(n1), (name, n1, n)
+    assert n1 <= n <= n1 + 2, (name, n1, n)
     assert float(predicted.stats.residual.max()) < tol, name
     scale = float(every.value.abs().max())
     assert float((predicted.value - every.value).abs().max()) <= 10 * tol * scale, name
@@ -178,16 +166,14 @@ def test_predicted_checks_stop_where_checking_every_iteration_would(float64, tol
         _compare_schedules(f, z0, tol, name)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug (reported to the lead): a rate measured across a slow transient is "
-    "extrapolated all the way to tol; this batch stops at 93 iterations instead of 50",
-)
 def test_predicted_checks_do_not_overshoot_after_a_slow_transient(float64) -> None:
     # heterogeneous per-sample maps from random nonnegative starts: one sample plateaus
-    # (iterations 5-10) and then converges fast; the check at 16 predicts 77 more
-    f, z0 = batched_small_maps(batch=16, seed=0)
-    _compare_schedules(f, z0, 1e-5, "batched_small_maps")
+    # (iterations 5-10) and then converges fast; a rate measured across the plateau and
+    # extrapolated to tol stopped this batch at 93 iterations instead of 50
+    for seed in range(3):
+        f, z0 = batched_small_maps(batch=16, seed=seed)
+        for tol in (1e-4, 1e-5, 1e-8):
+            _compare_schedules(f, z0, tol, f"batched_small_maps(seed={seed}, tol={tol})")
 
 
 def test_predicted_checks_are_deterministic(float64) -> None:
