@@ -13,6 +13,7 @@ from .models import (
     build_deq_linear,
     build_deq_multi_conv,
     build_deq_single_conv,
+    deq_cell,
 )
 
 __all__ = [
@@ -27,4 +28,5 @@ __all__ = [
     "build_deq_linear",
     "build_deq_multi_conv",
     "build_deq_single_conv",
+    "deq_cell",
 ]

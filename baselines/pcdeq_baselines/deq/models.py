@@ -15,14 +15,15 @@ its statistics are described in :mod:`pcdeq_baselines.deq.block`.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 
 from pcdeq_plugin import ImplicitModel, ModelSpec
+from pcdeq_plugin.backbones import LinearBackbone, MultiConvBackbone, SingleConvBackbone
 
 from ..options import check_counts, check_input_shape, check_overrides
 from .block import UnconstrainedDEQBlock
@@ -35,6 +36,7 @@ __all__ = [
     "build_deq_linear",
     "build_deq_multi_conv",
     "build_deq_single_conv",
+    "deq_cell",
 ]
 
 _BLOCK_KEYS = (
@@ -51,12 +53,41 @@ _BLOCK_KEYS = (
 )
 
 
-def _pooled(size: int, kernel: int, stride: int) -> int:
-    return (size - kernel) // stride + 1
+def deq_cell(
+    state_shape: tuple[int, ...], name: str, **block_options: Any
+) -> UnconstrainedDEQBlock:
+    """The unconstrained DEQ cell for ``state_shape``.
+
+    ``(width,)``: ``W`` is an ``nn.Linear(width, width)``; ``(C, H, W)``: a shape-preserving
+    3x3 ``nn.Conv2d(C, C)``; both with an ordinary bias (where pcDEQ has its weight-norm
+    gain, hence the same parameter counts). ``block_options`` are
+    :class:`UnconstrainedDEQBlock`'s.
+    """
+    width = state_shape[0]
+    layer = (
+        nn.Linear(width, width) if len(state_shape) == 1 else nn.Conv2d(width, width, 3, padding=1)
+    )
+    return UnconstrainedDEQBlock(layer, name=name, **block_options)
 
 
-class UnconstrainedDEQLinear(ImplicitModel):
-    """flatten -> Linear -> BN -> DEQ(Linear) -> BN -> Linear (the pcDEQ linear backbone).
+class _DEQEntry:
+    """The unconstrained models' input check (their own wording, the baselines' helper)."""
+
+    input_shape: tuple[int, ...]
+    model_name: str
+
+    def check_input(self, x: torch.Tensor) -> None:
+        check_input_shape(x, self.input_shape, self.model_name)
+
+    @property
+    def deq(self) -> nn.Module:
+        """The (first) equilibrium block, by the name it had before the shared backbones."""
+        return self.block if hasattr(self, "block") else self.block1  # type: ignore[attr-defined]
+
+
+class UnconstrainedDEQLinear(_DEQEntry, LinearBackbone):
+    """The pcDEQ linear backbone (:class:`~pcdeq_plugin.backbones.LinearBackbone`) with
+    the unconstrained cell.
 
     Args:
         input_shape: ``(channels, height, width)``.
@@ -66,6 +97,7 @@ class UnconstrainedDEQLinear(ImplicitModel):
     """
 
     family = "deq"
+    model_name = "deq-linear"
 
     def __init__(
         self,
@@ -75,32 +107,25 @@ class UnconstrainedDEQLinear(ImplicitModel):
         width: int = 80,
         **block_options: Any,
     ) -> None:
-        super().__init__()
         (width,) = check_counts("width", width, 1)
-        self.input_shape = tuple(input_shape)
-        self.embed = nn.Linear(math.prod(input_shape), width)
-        self.bn_in = nn.BatchNorm1d(width)
-        self.deq = UnconstrainedDEQBlock(nn.Linear(width, width), name="deq", **block_options)
-        self.bn_out = nn.BatchNorm1d(width)
-        self.head = nn.Linear(width, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input_shape(x, self.input_shape, "deq-linear")
-        z = self.deq(self.bn_in(self.embed(x.flatten(1))))
-        return self.head(self.bn_out(z))
+        cell = partial(deq_cell, **block_options)
+        super().__init__(tuple(input_shape), num_classes, width, cell)
 
 
-class UnconstrainedDEQSingleConv(ImplicitModel):
-    """conv -> BN -> DEQ(conv3x3) -> maxpool(3,1,1) -> BN -> avgpool(8) -> Linear.
+class UnconstrainedDEQSingleConv(_DEQEntry, SingleConvBackbone):
+    """The pcDEQ single-conv backbone (:class:`~pcdeq_plugin.backbones.SingleConvBackbone`)
+    with the unconstrained cell.
 
     Args:
-        input_shape: ``(channels, height, width)``; height and width at least 8.
+        input_shape: ``(channels, height, width)``.
         num_classes: Output classes.
         width: Channels of the equilibrium state.
+        memory_format: ``"auto"``, ``"channels_last"`` or ``"contiguous"``, as for pcDEQ.
         **block_options: Options of :class:`UnconstrainedDEQBlock`.
     """
 
     family = "deq"
+    model_name = "deq-single-conv"
 
     def __init__(
         self,
@@ -108,41 +133,28 @@ class UnconstrainedDEQSingleConv(ImplicitModel):
         num_classes: int,
         *,
         width: int = 82,
+        memory_format: str = "auto",
         **block_options: Any,
     ) -> None:
-        super().__init__()
-        channels, height, wide = input_shape
-        if min(height, wide) < 8:
-            raise ValueError(f"deq-single-conv needs images of at least 8x8, got {height}x{wide}")
         (width,) = check_counts("width", width, 1)
-        self.input_shape = tuple(input_shape)
-        self.embed = nn.Conv2d(channels, width, 3, padding=1)
-        self.bn_in = nn.BatchNorm2d(width)
-        self.deq = UnconstrainedDEQBlock(
-            nn.Conv2d(width, width, 3, padding=1), name="deq", **block_options
-        )
-        self.pool = nn.MaxPool2d(3, stride=1, padding=1)
-        self.bn_out = nn.BatchNorm2d(width)
-        self.avg = nn.AvgPool2d(8)
-        self.head = nn.Linear(width * _pooled(height, 8, 8) * _pooled(wide, 8, 8), num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input_shape(x, self.input_shape, "deq-single-conv")
-        z = self.deq(self.bn_in(self.embed(x)))
-        return self.head(self.avg(self.bn_out(self.pool(z))).flatten(1))
+        cell = partial(deq_cell, **block_options)
+        super().__init__(tuple(input_shape), num_classes, width, cell, memory_format)
 
 
-class UnconstrainedDEQMultiConv(ImplicitModel):
-    """Three DEQ stages separated by stride-2 convolutions (the pcDEQ multi-conv backbone).
+class UnconstrainedDEQMultiConv(_DEQEntry, MultiConvBackbone):
+    """The pcDEQ multi-conv backbone (:class:`~pcdeq_plugin.backbones.MultiConvBackbone`)
+    with three unconstrained cells.
 
     Args:
-        input_shape: ``(channels, height, width)``; spatial sizes 28 and 32 end at 1x1.
+        input_shape: ``(channels, height, width)``; at least 7x7.
         num_classes: Output classes.
         widths: Channels of the three equilibrium states.
+        memory_format: ``"auto"``, ``"channels_last"`` or ``"contiguous"``, as for pcDEQ.
         **block_options: Options of every :class:`UnconstrainedDEQBlock`.
     """
 
     family = "deq"
+    model_name = "deq-multi-conv"
 
     def __init__(
         self,
@@ -150,48 +162,17 @@ class UnconstrainedDEQMultiConv(ImplicitModel):
         num_classes: int,
         *,
         widths: Sequence[int] = (12, 24, 48),
+        memory_format: str = "auto",
         **block_options: Any,
     ) -> None:
-        super().__init__()
-        channels, height, wide = input_shape
-        c1, c2, c3 = check_counts("widths", widths, 3)
-        self.input_shape = tuple(input_shape)
-        h3, w3 = (_pooled(_pooled(s, 3, 2), 3, 2) for s in (height, wide))
-        if min(h3, w3) < 4:
-            raise ValueError(
-                f"deq-multi-conv needs images of at least 23x23 (the third stage must be >= 4x4), "
-                f"got {height}x{wide}"
-            )
-        cell = lambda c: nn.Conv2d(c, c, 3, padding=1)  # noqa: E731
-        self.stage1 = nn.Sequential(nn.Conv2d(channels, c1, 3, padding=1), nn.BatchNorm2d(c1))
-        self.deq1 = UnconstrainedDEQBlock(cell(c1), name="deq1", **block_options)
-        self.stage2 = nn.Sequential(
-            nn.MaxPool2d(3, 1, 1),
-            nn.BatchNorm2d(c1),
-            nn.Conv2d(c1, c2, 3, stride=2),
-            nn.BatchNorm2d(c2),
-        )
-        self.deq2 = UnconstrainedDEQBlock(cell(c2), name="deq2", **block_options)
-        self.stage3 = nn.Sequential(
-            nn.MaxPool2d(3, 1, 1),
-            nn.BatchNorm2d(c2),
-            nn.Conv2d(c2, c3, 3, stride=2),
-            nn.BatchNorm2d(c3),
-        )
-        self.deq3 = UnconstrainedDEQBlock(cell(c3), name="deq3", **block_options)
-        self.tail = nn.Sequential(nn.MaxPool2d(3, 1, 1), nn.BatchNorm2d(c3), nn.AvgPool2d(4))
-        self.head = nn.Linear(c3 * _pooled(h3, 4, 4) * _pooled(w3, 4, 4), num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input_shape(x, self.input_shape, "deq-multi-conv")
-        z = self.deq1(self.stage1(x))
-        z = self.deq2(self.stage2(z))
-        z = self.deq3(self.stage3(z))
-        return self.head(self.tail(z).flatten(1))
+        widths = check_counts("widths", widths, 3)
+        cell = partial(deq_cell, **block_options)
+        super().__init__(tuple(input_shape), num_classes, widths, cell, memory_format)
 
 
 def _factory(cls: type[ImplicitModel], model: str, size_key: str) -> Callable[..., ImplicitModel]:
-    valid = (size_key, *_BLOCK_KEYS)
+    layout = () if cls is UnconstrainedDEQLinear else ("memory_format",)  # conv nets only
+    valid = (size_key, *layout, *_BLOCK_KEYS)
 
     def build(
         input_shape: tuple[int, int, int], num_classes: int, **overrides: Any
