@@ -15,7 +15,6 @@ projected by :meth:`PcDEQBlock.after_optimizer_step`; the solve starts at ``z0 =
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -26,7 +25,15 @@ from torch.nn.utils import parametrize
 
 from .activations import VARIANT_KINDS, resolve_activation
 from .cell_map import PcDEQCellMap
-from .checks import all_finite
+from .checks import (
+    ArgumentError,
+    all_finite,
+    check_count,
+    check_flag,
+    check_positive,
+    is_count,
+    is_finite_number,
+)
 from .constraints import (
     NonNegativeConstraint,
     apply_constraint,
@@ -59,8 +66,8 @@ def _resolve_variant(
             raise TypeError(
                 f"activation must be a registered name or an ActivationSpec, got {activation!r}"
             )
-    if variant not in VARIANT_KINDS:
-        raise ValueError(f"unknown pcDEQ variant {variant!r}; choose 1 or 2")
+    if isinstance(variant, bool) or variant not in VARIANT_KINDS:  # True == 1 is no variant
+        raise ArgumentError(f"unknown pcDEQ variant {variant!r}; choose 1 or 2")
     if activation is None:
         activation = DEFAULT_ACTIVATIONS[variant]
     return variant, resolve_activation(activation, variant)
@@ -112,15 +119,12 @@ class PcDEQBlock(ImplicitBlock):
     ) -> None:
         super().__init__(name)
         self.variant, self.activation = _resolve_variant(variant, activation)
-        if not (isinstance(beta, (int, float)) and beta > 0 and math.isfinite(beta)):
-            raise ValueError(f"beta must be a positive finite number, got {beta!r}")
-        floor_ok = isinstance(injection_floor, (int, float)) and injection_floor >= 0
-        if not (floor_ok and math.isfinite(injection_floor)):
-            raise ValueError(
+        check_positive("beta", beta)
+        if not (is_finite_number(injection_floor) and injection_floor >= 0):
+            raise ArgumentError(
                 f"injection_floor must be a finite number >= 0, got {injection_floor!r}"
             )
-        if not isinstance(check_inputs, bool):  # bool("no") would silently mean True
-            raise TypeError(f"check_inputs must be True or False, got {check_inputs!r}")
+        check_flag("check_inputs", check_inputs)  # bool("no") would silently mean True
         if config is None:
             config = SolverConfig()
         if not isinstance(config, SolverConfig):
@@ -248,8 +252,7 @@ class PcDEQLinear(PcDEQBlock):
     """
 
     def __init__(self, features: int, **kwargs: Any) -> None:
-        if not (isinstance(features, int) and features >= 1):
-            raise ValueError(f"features must be an integer >= 1, got {features!r}")
+        check_count("features", features)
         kwargs.setdefault("name", f"PcDEQLinear({features})")
         super().__init__(nn.Linear(features, features, bias=False), **kwargs)
         self.features = features
@@ -295,10 +298,9 @@ class PcDEQConv(PcDEQBlock):
     """
 
     def __init__(self, channels: int, kernel_size: int = 3, **kwargs: Any) -> None:
-        if not (isinstance(channels, int) and channels >= 1):
-            raise ValueError(f"channels must be an integer >= 1, got {channels!r}")
-        if not (isinstance(kernel_size, int) and kernel_size >= 1 and kernel_size % 2 == 1):
-            raise ValueError(f"kernel_size must be an odd integer >= 1, got {kernel_size!r}")
+        check_count("channels", channels)
+        if not (is_count(kernel_size) and kernel_size % 2 == 1):
+            raise ArgumentError(f"kernel_size must be an odd integer >= 1, got {kernel_size!r}")
         kwargs.setdefault("name", f"PcDEQConv({channels})")
         conv = nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2, bias=False)
         super().__init__(conv, **kwargs)

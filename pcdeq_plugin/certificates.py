@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from .cells import PcDEQBlock
+from .checks import check_count, check_positive
 
 __all__ = [
     "Certificate",
@@ -331,11 +332,8 @@ def certify(
     """
     if not isinstance(block, PcDEQBlock):
         raise TypeError(f"certify needs a PcDEQBlock, got {type(block).__name__}")
-    if isinstance(steps, bool) or not (isinstance(steps, int) and steps >= 2):
-        raise ValueError(f"steps must be an integer >= 2, got {steps!r}")
-    tol_is_number = isinstance(tol, (int, float)) and not isinstance(tol, bool)
-    if not (tol_is_number and math.isfinite(tol) and tol > 0):
-        raise ValueError(f"tol must be a positive finite number, got {tol!r}")
+    check_count("steps", steps, 2)
+    check_positive("tol", tol)
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(
             f"dtype must be a floating torch.dtype (e.g. torch.float64) or None, got {dtype!r}"

@@ -11,6 +11,7 @@ import warnings
 
 import torch
 
+from .checks import check_choice
 from .interface import FAILURE_POLICIES, ConvergenceError, ConvergenceWarning, SolveStats
 
 __all__ = ["announce_failure", "enforce_failure_policy"]
@@ -37,10 +38,7 @@ def announce_failure(
 
 
 def _check_policy(on_failure: object) -> None:
-    if on_failure not in FAILURE_POLICIES:
-        raise ValueError(
-            f"unknown on_failure {on_failure!r}; choose one of {', '.join(FAILURE_POLICIES)}"
-        )
+    check_choice("on_failure", on_failure, FAILURE_POLICIES)
 
 
 def enforce_failure_policy(

@@ -23,6 +23,14 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from pcdeq_plugin.checks import (
+    check_choice,
+    check_count,
+    check_flag,
+    check_known_keys,
+    check_positive,
+)
+
 __all__ = [
     "BlockStats",
     "ConvergenceError",
@@ -195,25 +203,20 @@ class SolverConfig:
         _check_name("solver", self.solver)
         if self.backward_solver is not None:
             _check_name("backward_solver", self.backward_solver)
-        _check_tolerance("tol", self.tol)
-        _check_count("max_iter", self.max_iter)
+        check_positive("tol", self.tol)
+        check_count("max_iter", self.max_iter)
+        # None means "same as the forward solve" / "per device": set-but-bad reads as below.
         if self.backward_tol is not None:
-            _check_tolerance("backward_tol", self.backward_tol)
+            check_positive("backward_tol", self.backward_tol)
         if self.backward_max_iter is not None:
-            _check_count("backward_max_iter", self.backward_max_iter)
+            check_count("backward_max_iter", self.backward_max_iter)
         if self.check_every is not None:
-            _check_count("check_every", self.check_every)
-        if self.on_failure not in FAILURE_POLICIES:
-            raise ValueError(
-                f"unknown on_failure {self.on_failure!r}; choose one of {', '.join(FAILURE_POLICIES)}"
-            )
-        _check_choice("warm_start", self.warm_start, WARM_START_CHOICES)
-        _check_tolerance("warm_tol", self.warm_tol)
-        _check_choice("adjoint", self.adjoint, ADJOINT_CHOICES)
-        if not isinstance(self.reuse_step_graph, bool):
-            raise TypeError(
-                f"reuse_step_graph must be True or False, got {self.reuse_step_graph!r}"
-            )
+            check_count("check_every", self.check_every)
+        check_choice("on_failure", self.on_failure, FAILURE_POLICIES)
+        check_choice("warm_start", self.warm_start, WARM_START_CHOICES)
+        check_positive("warm_tol", self.warm_tol)
+        check_choice("adjoint", self.adjoint, ADJOINT_CHOICES)
+        check_flag("reuse_step_graph", self.reuse_step_graph)
         if not isinstance(self.solver_options, Mapping) or not all(
             isinstance(key, str) for key in self.solver_options
         ):
@@ -247,10 +250,7 @@ class SolverConfig:
 
     def replace(self, **changes: object) -> SolverConfig:
         """A copy with some fields changed (validated again)."""
-        unknown = sorted(set(changes) - set(self.field_names()))
-        if unknown:
-            valid = ", ".join(self.field_names())
-            raise TypeError(f"unknown SolverConfig field(s) {unknown}; valid fields: {valid}")
+        check_known_keys(changes, self.field_names(), noun="SolverConfig field")
         return dataclasses.replace(self, **changes)
 
 
@@ -260,23 +260,6 @@ def _check_name(field_name: str, value: object) -> None:
             f"{field_name} must be the name of a registered solver (a string, see "
             f"pcdeq_plugin.list_solvers()), got {value!r}"
         )
-
-
-def _check_tolerance(field_name: str, value: object) -> None:
-    # bool is an int subclass: tol=True would silently mean 1.0
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not (number and value > 0 and math.isfinite(value)):  # type: ignore[operator]
-        raise ValueError(f"{field_name} must be a positive finite number, got {value!r}")
-
-
-def _check_choice(field_name: str, value: object, choices: tuple[str, ...]) -> None:
-    if not (isinstance(value, str) and value in choices):
-        raise ValueError(f"unknown {field_name} {value!r}; choose one of {', '.join(choices)}")
-
-
-def _check_count(field_name: str, value: object) -> None:
-    if isinstance(value, bool) or not (isinstance(value, int) and value >= 1):
-        raise ValueError(f"{field_name} must be an integer >= 1, got {value!r}")
 
 
 def split_solver_options(options: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -27,7 +27,6 @@ statistics. It is written for maps that cost microseconds as well as for large o
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -35,6 +34,7 @@ from typing import Any
 import torch
 
 from . import convergence_checks
+from .checks import check_count, check_positive
 from .convergence_checks import CheckSchedule, DeviceChecks, HostChecks
 from .interface import FixedPointResult, SolveStats
 from .residuals import (
@@ -57,17 +57,9 @@ def _check_call_args(z0: torch.Tensor, tol: float, max_iter: int, check_every: i
         raise ValueError(f"z0 must have a non-empty batch dimension, got shape {tuple(z0.shape)}")
     if not z0.is_floating_point():
         raise TypeError(f"z0 must be a floating-point tensor, got dtype {z0.dtype}")
-    tol_is_number = isinstance(tol, (int, float)) and not isinstance(tol, bool)
-    if not (tol_is_number and tol > 0 and math.isfinite(tol)):
-        raise ValueError(f"tol must be a positive finite number, got {tol!r}")
-    if isinstance(max_iter, bool) or not (isinstance(max_iter, int) and max_iter >= 1):
-        raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
-    if check_every is not None and (
-        isinstance(check_every, bool) or not (isinstance(check_every, int) and check_every >= 1)
-    ):
-        raise ValueError(
-            f"check_every must be an integer >= 1 or None (predicted), got {check_every!r}"
-        )
+    check_positive("tol", tol)
+    check_count("max_iter", max_iter)
+    check_count("check_every", check_every, allow_none=True)
 
 
 def _any_nonzero(z: torch.Tensor) -> bool:

@@ -20,11 +20,11 @@ mode: :func:`pcdeq_plugin.implicit.solve_implicit` calls them under ``torch.no_g
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
+from .checks import ArgumentError, check_count, check_known_keys, is_finite_number
 from .hookspecs import hookimpl
 from .iteration import IterativeSolver
 from .registry import SolverSpec
@@ -121,12 +121,11 @@ class AndersonAcceleration(IterativeSolver):
     needs_residual = True
 
     def __init__(self, memory: int = 5, beta: float = 1.0, lam: float = 1e-4) -> None:
-        if isinstance(memory, bool) or not (isinstance(memory, int) and memory >= 1):
-            raise ValueError(f"anderson: memory must be an integer >= 1, got {memory!r}")
-        if not (isinstance(beta, (int, float)) and 0 < beta <= 1):
-            raise ValueError(f"anderson: beta must be in (0, 1], got {beta!r}")
-        if not (isinstance(lam, (int, float)) and lam >= 0 and math.isfinite(lam)):
-            raise ValueError(f"anderson: lam must be a finite number >= 0, got {lam!r}")
+        check_count("anderson: memory", memory)
+        if not (is_finite_number(beta) and 0 < beta <= 1):
+            raise ArgumentError(f"anderson: beta must be in (0, 1], got {beta!r}")
+        if not (is_finite_number(lam) and lam >= 0):
+            raise ArgumentError(f"anderson: lam must be a finite number >= 0, got {lam!r}")
         self.memory = memory
         self.beta = float(beta)
         self.lam = float(lam)
@@ -198,12 +197,7 @@ _ANDERSON_OPTIONS: tuple[str, ...] = ("memory", "beta", "lam")
 
 
 def _check_options(solver: str, options: dict[str, Any], valid: tuple[str, ...]) -> None:
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        choices = ", ".join(valid) if valid else "(none)"
-        raise TypeError(
-            f"unknown option(s) {unknown} for solver {solver!r}; valid options: {choices}"
-        )
+    check_known_keys(options, valid or ("(none)",), context=f" for solver {solver!r}")
 
 
 def make_fixed_point(**options: Any) -> FixedPointIteration:

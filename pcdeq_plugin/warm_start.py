@@ -29,6 +29,7 @@ import math
 
 import torch
 
+from .checks import check_choice
 from .interface import WARM_START_CHOICES
 from .maps import FixedPointMap, MapFn
 from .residuals import residual_norms
@@ -79,9 +80,7 @@ def resolve_warm_start(
     if choice in LOW_PRECISION:
         return LOW_PRECISION[choice]
     if choice != "auto":
-        raise ValueError(
-            f"unknown warm_start {choice!r}; choose one of {', '.join(WARM_START_CHOICES)}"
-        )
+        check_choice("warm_start", choice, WARM_START_CHOICES)
     if not (isinstance(fn, FixedPointMap) and fn.positive_concave):
         return None
     pays = state.dtype == torch.float32 and fn.low_precision_pays(state)

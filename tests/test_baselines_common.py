@@ -221,7 +221,7 @@ def test_announce_failure_policies():
     with pytest.raises(ConvergenceError, match="fatal") as info:
         announce_failure("fatal", "raise", cause=cause)
     assert info.value.__cause__ is cause
-    with pytest.raises(ValueError, match="unknown on_failure 'explode'; choose one of ignore"):
+    with pytest.raises(ValueError, match="unknown on_failure 'explode'; available: ignore"):
         announce_failure("x", "explode")
 
 

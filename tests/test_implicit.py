@@ -314,7 +314,7 @@ def test_enforce_failure_policy_rejects_unknown_policy():
     problem = dense_tanh()
     stats = BlockStats("x")
     solve_implicit(problem.map(), problem.zeros(), SolverConfig(), stats)
-    with pytest.raises(ValueError, match="unknown on_failure 'loud'; choose one of"):
+    with pytest.raises(ValueError, match="unknown on_failure 'loud'; available:"):
         enforce_failure_policy(stats.forward, "loud")
 
 

@@ -138,7 +138,7 @@ def test_overrides_reach_the_blocks() -> None:
 
 def test_bad_overrides_and_inputs() -> None:
     with pytest.raises(
-        TypeError, match=r"unknown option\(s\) depth; valid options: activation, .*widths"
+        TypeError, match=r"unknown option\(s\) \['depth'\]; valid options: activation, .*widths"
     ):
         P.build_model("pcdeq-linear-1", MNIST, 10, depth=3)
     with pytest.raises(TypeError, match="unknown option"):

@@ -258,7 +258,7 @@ def test_deq_kwargs_unknown_keys(kwargs, needle) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "needle"),
     [
-        ({"f_stop_mode": "max"}, "f_stop_mode must be one of abs, rel"),
+        ({"f_stop_mode": "max"}, "unknown f_stop_mode 'max'; available: abs, rel"),
         ({"f_solver": "nope"}, "f_solver='nope' is not a registered TorchDEQ solver"),
         ({"core": "deep"}, "core='deep' is not a registered TorchDEQ core"),
         ({"b_solver": "simple_fixed_point_iter", "ift": True}, "crashes under implicit"),

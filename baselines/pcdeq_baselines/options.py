@@ -8,13 +8,22 @@ same way in every family, and announce failed solves the same way.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import torch
 
-from pcdeq_plugin.checks import all_finite
+# The shared checks, under the names the baseline families import: one message per
+# mistake in the core, the bridge, the harness and the baselines alike.
+from pcdeq_plugin.checks import (
+    all_finite,
+    check_choice,
+    check_count,
+    check_counts,
+    check_flag,
+    check_known_keys,
+)
+from pcdeq_plugin.checks import check_positive as check_positive_number
 from pcdeq_plugin.failure import announce_failure
 from pcdeq_plugin.interface import FAILURE_POLICIES
 
@@ -32,56 +41,9 @@ __all__ = [
 ]
 
 
-def check_choice(kind: str, value: Any, choices: Iterable[str]) -> str:
-    """``value`` if it is one of ``choices``; else ``ValueError: unknown <kind> ...; available: ...``."""
-    choices = tuple(choices)
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"unknown {kind} {value!r}; available: {', '.join(choices)}")
-    return value
-
-
-def check_positive_number(label: str, value: Any) -> float:
-    """``float(value)`` for a positive finite real number (a bool is refused: ``True`` is not 1.0)."""
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not (number and value > 0 and math.isfinite(value)):
-        raise ValueError(f"{label} must be a positive finite number, got {value!r}")
-    return float(value)
-
-
-def check_count(label: str, value: Any, minimum: int = 1, *, context: str = "") -> int:
-    """``value`` for an integer ``>= minimum`` (a bool is refused); ``context`` ends the message."""
-    if isinstance(value, bool) or not (isinstance(value, int) and value >= minimum):
-        raise ValueError(f"{label} must be an integer >= {minimum}{context}, got {value!r}")
-    return value
-
-
-def check_counts(label: str, values: Any, count: int | None = None) -> tuple[int, ...]:
-    """A tuple of integers ``>= 1`` (``count`` of them, if given), e.g. per-tier widths."""
-    items = tuple(values) if isinstance(values, (list, tuple)) else (values,)
-    ok = all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in items)
-    if not (ok and items and (count is None or len(items) == count)):
-        how_many = f"{count}" if count is not None else "one or more"
-        raise ValueError(f"{label} must be {how_many} integer(s) >= 1, got {values!r}")
-    return items
-
-
-def check_flag(label: str, value: Any) -> bool:
-    """``value`` for a real bool: ``bool("False")`` is ``True``, so strings are refused."""
-    if not isinstance(value, bool):
-        raise ValueError(
-            f"{label} must be True or False, got {value!r} ({type(value).__name__}); "
-            "in JSON and on the command line write true or false"
-        )
-    return value
-
-
 def check_overrides(model: str, overrides: Mapping[str, Any], valid: Collection[str]) -> None:
     """Refuse keyword options a factory does not know, listing the ones it does."""
-    unknown = sorted(set(overrides) - set(valid))
-    if unknown:
-        raise TypeError(
-            f"{model}: unknown option(s) {unknown}; valid options: {', '.join(sorted(valid))}"
-        )
+    check_known_keys(overrides, sorted(valid), owner=model)
 
 
 def is_mnist_like(input_shape: tuple[int, int, int]) -> bool:

@@ -7,9 +7,17 @@ recommendations < the checkpoint's config (``resume``) < what the caller gave.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Any
+
+from pcdeq_plugin.checks import (
+    check_choice,
+    check_count,
+    check_flag,
+    check_known_keys,
+    is_count,
+    is_finite_number,
+)
 
 __all__ = [
     "AMP_MODES",
@@ -65,15 +73,6 @@ RESUMABLE_OVERRIDES: frozenset[str] = frozenset(
 MAX_LR = 1e10
 # torch, NumPy and the loaders' (seed, epoch) generators all accept seeds in this range.
 MAX_SEED = 2**32 - 1
-
-
-def _is_int(value: Any) -> bool:
-    """An integer that is not a bool (``True`` is an ``int`` in Python, not an epoch count)."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class ConfigError(ValueError):
@@ -151,12 +150,7 @@ class TrainConfig:
     @classmethod
     def check_keys(cls, config: dict[str, Any]) -> None:
         """Raise :class:`ConfigError` naming any unknown key and listing the valid ones."""
-        unknown = sorted(set(config) - set(cls.keys()))
-        if unknown:
-            raise ConfigError(
-                f"unknown config key(s) {', '.join(map(repr, unknown))}; "
-                f"valid keys: {', '.join(cls.keys())}"
-            )
+        check_known_keys(config, cls.keys(), noun="config key", error=ConfigError)
 
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> TrainConfig:
@@ -194,58 +188,34 @@ class TrainConfig:
             isinstance(self.model_options, dict),
             "model_options must be a dict of factory overrides",
         )
-        need(
-            self.device in DEVICES,
-            f"unknown device {self.device!r}; choose one of {', '.join(DEVICES)}",
-        )
-        need(
-            self.amp in AMP_MODES,
-            f"unknown amp mode {self.amp!r}; choose one of {', '.join(AMP_MODES)}",
-        )
-        need(
-            self.optimizer in OPTIMIZERS,
-            f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}",
-        )
+        check_choice("device", self.device, DEVICES, error=ConfigError)
+        check_choice("amp mode", self.amp, AMP_MODES, error=ConfigError)
+        check_choice("optimizer", self.optimizer, OPTIMIZERS, error=ConfigError)
         for key in ("epochs", "batch_size"):
-            value = getattr(self, key)
-            need(_is_int(value) and value >= 1, f"{key} must be an integer >= 1, got {value!r}")
+            check_count(key, getattr(self, key), error=ConfigError)
         for key in ("train_limit", "test_limit", "test_batch_size"):
-            value = getattr(self, key)
-            need(
-                value is None or (_is_int(value) and value >= 1),
-                f"{key} must be an integer >= 1 or None, got {value!r}",
-            )
+            check_count(key, getattr(self, key), allow_none=True, error=ConfigError)
+        check_count("workers", self.workers, 0, error=ConfigError)
         need(
-            _is_int(self.workers) and self.workers >= 0,
-            f"workers must be an integer >= 0, got {self.workers!r}",
-        )
-        need(
-            _is_int(self.seed) and 0 <= self.seed <= MAX_SEED,
+            is_count(self.seed, 0) and self.seed <= MAX_SEED,
             f"seed must be an integer from 0 to 2**32 - 1 = {MAX_SEED}, got {self.seed!r}",
         )
         need(
-            _is_number(self.lr) and 0 < self.lr < MAX_LR,
+            is_finite_number(self.lr) and 0 < self.lr < MAX_LR,
             f"lr must be a finite number in (0, {MAX_LR:g}), got {self.lr!r}",
         )
         need(
-            _is_number(self.weight_decay) and self.weight_decay >= 0,
+            is_finite_number(self.weight_decay) and self.weight_decay >= 0,
             f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}",
         )
+        check_count("milestone", self.milestone, 0, allow_none=True, error=ConfigError)
         need(
-            self.milestone is None or (_is_int(self.milestone) and self.milestone >= 0),
-            f"milestone must be an integer >= 0 or None, got {self.milestone!r}",
-        )
-        need(
-            _is_number(self.gamma) and 0 < self.gamma <= 1,
+            is_finite_number(self.gamma) and 0 < self.gamma <= 1,
             f"gamma must be in (0, 1], got {self.gamma!r}",
         )
         for key in ("download", "augment", "deterministic", "resume", "overwrite"):
-            value = getattr(self, key)
-            need(isinstance(value, bool), f"{key} must be true or false, got {value!r}")
-        need(
-            self.progress is None or isinstance(self.progress, bool),
-            f"progress must be true, false or None, got {self.progress!r}",
-        )
+            check_flag(key, getattr(self, key), error=ConfigError)
+        check_flag("progress", self.progress, allow_none=True, error=ConfigError)
         need(
             self.preset is None or (isinstance(self.preset, str) and bool(self.preset)),
             f"preset must be a name or None, got {self.preset!r}",

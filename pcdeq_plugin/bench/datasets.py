@@ -31,6 +31,7 @@ import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from pcdeq_plugin import DatasetSpec, add_plugin, hookimpl
+from pcdeq_plugin.checks import check_choice
 from pcdeq_plugin.registry import DATASETS
 
 from .config import ConfigError
@@ -69,8 +70,7 @@ class DatasetNotFoundError(FileNotFoundError):
 
 
 def _check_split(split: str) -> None:
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    check_choice("split", split, SPLITS)
 
 
 def _no_augmentation(name: str, augment: bool) -> None:

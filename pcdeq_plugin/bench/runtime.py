@@ -16,7 +16,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .config import ConfigError
+from pcdeq_plugin.checks import check_choice
+
+from .config import DEVICES, ConfigError
 
 __all__ = [
     "STOP_SIGNALS",
@@ -71,7 +73,8 @@ def select_device(name: str) -> torch.device:
         return torch.device("mps")
     if name == "cpu":
         return torch.device("cpu")
-    raise ConfigError(f"unknown device {name!r}; choose one of auto, cpu, cuda, mps")
+    check_choice("device", name, DEVICES, error=ConfigError)
+    raise AssertionError(f"device {name!r} is in DEVICES but has no branch here")
 
 
 def seed_everything(seed: int) -> None:

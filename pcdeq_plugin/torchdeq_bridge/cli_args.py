@@ -20,6 +20,7 @@ import types
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from ..checks import check_positive
 from ._common import STOP_MODES, import_torchdeq
 from .config import PC_KEYS
 from .norm import PARAMETRIZATIONS
@@ -106,6 +107,14 @@ def _absorb_later_deq_args(parser: Any) -> None:
     setattr(parser, _ABSORBING, True)
 
 
+def _positive_float(text: str) -> float:
+    """An argparse ``type``: the value must be a positive finite number (``nan`` is not)."""
+    try:
+        return check_positive("the value", float(text))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"{error} ({text!r})") from None
+
+
 def _add_pc_args(parser: Any) -> None:
     def activations() -> list[str]:
         from ..registry import list_activations
@@ -114,14 +123,14 @@ def _add_pc_args(parser: Any) -> None:
 
     flags: dict[str, dict[str, Any]] = {
         "--pc_norm_param": {"default": "projection", "choices": PARAMETRIZATIONS},
-        "--pc_eps": {"type": float, "default": 1e-12},
+        "--pc_eps": {"type": _positive_float, "default": 1e-12},
         "--pc_norm_missing": {"default": "warn", "choices": MISSING_POLICIES},
         "--pc_activation": {
             "default": "tanh",
             "choices": _LiveChoices(activations),
             "metavar": "NAME",
         },
-        "--pc_beta": {"type": float, "default": 5.0},
+        "--pc_beta": {"type": _positive_float, "default": 5.0},
     }
     missing = {
         flag: spec for flag, spec in flags.items() if flag not in parser._option_string_actions

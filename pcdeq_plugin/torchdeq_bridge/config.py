@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import math
 from collections.abc import Mapping
 from typing import Any
 
+from ..checks import check_choice, check_count, check_positive
 from ._common import DEFAULT_SOLVER_NAME, STOP_MODES, import_torchdeq
 from .norm import PARAMETRIZATIONS
 from .norm_targets import MISSING_POLICIES
@@ -117,14 +117,11 @@ def pcdeq_deq_kwargs(args: Any = None, **overrides: Any) -> dict[str, Any]:
         )
     config.update(overrides)
     _check_numbers(config)
-    if "pc_norm_missing" in config and config["pc_norm_missing"] not in MISSING_POLICIES:
-        raise ValueError(
-            f"pc_norm_missing must be one of {', '.join(MISSING_POLICIES)}, "
-            f"got {config['pc_norm_missing']!r}"
-        )
+    if "pc_norm_missing" in config:
+        check_choice("pc_norm_missing", config["pc_norm_missing"], MISSING_POLICIES)
     for key in ("f_stop_mode", "b_stop_mode"):
-        if key in config and config[key] not in STOP_MODES:
-            raise ValueError(f"{key} must be one of {', '.join(STOP_MODES)}, got {config[key]!r}")
+        if key in config:
+            check_choice(key, config[key], STOP_MODES)
     tables = {
         "f_solver": ("solver", torchdeq.solver._solvers),
         "b_solver": ("solver", torchdeq.solver._solvers),
@@ -150,13 +147,8 @@ def pcdeq_deq_kwargs(args: Any = None, **overrides: Any) -> dict[str, Any]:
 def _check_numbers(config: dict[str, Any]) -> None:
     """Tolerances and iteration caps TorchDEQ would accept and then misuse silently."""
     for key in ("f_tol", "b_tol"):
-        value = config.get(key)
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if key in config and not (number and math.isfinite(value) and value > 0):
-            raise ValueError(f"{key} must be a positive finite number, got {value!r}")
+        if key in config:
+            check_positive(key, config[key])
     for key, least in (("f_max_iter", 1), ("b_max_iter", 1), ("eval_f_max_iter", 0)):
-        value = config.get(key)
-        if key in config and (
-            isinstance(value, bool) or not isinstance(value, int) or value < least
-        ):
-            raise ValueError(f"{key} must be an integer >= {least}, got {value!r}")
+        if key in config:
+            check_count(key, config[key], least)

@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checks import check_choice
 from ._common import BRIDGE_MARK
-from .norm_targets import PcNonnegTargets, names_and_dims
+from .norm_targets import PC_NONNEG_TARGETS, PcNonnegTargets, names_and_dims
 from .normed_weight import NormedWeight, nonnegative
 
 __all__ = ["PARAMETRIZATIONS", "PcNonnegNorm"]
@@ -70,18 +71,9 @@ class PcNonnegNorm:
     ``--norm_type pc_nonneg``).
     """
 
-    # Our own table: ``register_norm_module(cls, 'pc_nonneg', ...)`` writes into it.
-    _target_modules: PcNonnegTargets = PcNonnegTargets(
-        {
-            nn.Linear: ("weight", 0),
-            nn.Conv1d: ("weight", 0),
-            nn.Conv2d: ("weight", 0),
-            nn.Conv3d: ("weight", 0),
-            nn.ConvTranspose1d: ("weight", 1),
-            nn.ConvTranspose2d: ("weight", 1),
-            nn.ConvTranspose3d: ("weight", 1),
-        }
-    )
+    # Our own table: ``register_norm_module(cls, 'pc_nonneg', ...)`` and
+    # ``register_pc_nonneg_module`` write into it.
+    _target_modules: PcNonnegTargets = PC_NONNEG_TARGETS
 
     def __init__(self, names: list[str], dims: list[int], parametrization: str, eps: float) -> None:
         self.names = names
@@ -127,11 +119,7 @@ class PcNonnegNorm:
             names, dims = target
         names_list, dims_list = names_and_dims(names, dims)
         choice = parametrization or _config_get(deq_args, "pc_norm_param", None) or "projection"
-        if choice not in PARAMETRIZATIONS:
-            raise ValueError(
-                f"unknown pc_nonneg parametrization {choice!r}; choose one of "
-                f"{', '.join(PARAMETRIZATIONS)}"
-            )
+        check_choice("pc_nonneg parametrization", choice, PARAMETRIZATIONS)
         guard = float(eps if eps is not None else _config_get(deq_args, "pc_eps", 1e-12))
         norm = cls(names_list, dims_list, choice, guard)
         for name in names_list:

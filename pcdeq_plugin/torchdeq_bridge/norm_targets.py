@@ -24,8 +24,11 @@ from typing import Any
 
 from torch import nn
 
+from ..checks import check_choice
+
 __all__ = [
     "MISSING_POLICIES",
+    "PC_NONNEG_TARGETS",
     "PcNonnegNotAppliedError",
     "PcNonnegNotAppliedWarning",
     "PcNonnegTargets",
@@ -58,6 +61,21 @@ class PcNonnegTargets(dict):
             return False
         _check_apply_norm_call(self, sys._getframe(1))
         return self.lookup(module_type) is not None
+
+
+# The layers pc_nonneg constrains (``PcNonnegNorm._target_modules`` is this table): the
+# recurrent weight of each, with its output dimension.
+PC_NONNEG_TARGETS = PcNonnegTargets(
+    {
+        nn.Linear: ("weight", 0),
+        nn.Conv1d: ("weight", 0),
+        nn.Conv2d: ("weight", 0),
+        nn.Conv3d: ("weight", 0),
+        nn.ConvTranspose1d: ("weight", 1),
+        nn.ConvTranspose2d: ("weight", 1),
+        nn.ConvTranspose3d: ("weight", 1),
+    }
+)
 
 
 def names_and_dims(names: Any, dims: Any) -> tuple[list[str], list[int]]:
@@ -97,12 +115,10 @@ def register_pc_nonneg_module(
         TypeError: ``module_class`` is not an ``nn.Module`` subclass.
         ValueError: malformed ``names``/``dims``.
     """
-    from .norm import PcNonnegNorm
-
     if not (isinstance(module_class, type) and issubclass(module_class, nn.Module)):
         raise TypeError(f"module_class must be an nn.Module subclass, got {module_class!r}")
     names_list, dims_list = names_and_dims(names, dims)
-    PcNonnegNorm._target_modules[module_class] = (
+    PC_NONNEG_TARGETS[module_class] = (
         names_list[0] if len(names_list) == 1 else names_list,
         dims_list[0] if len(dims_list) == 1 else dims_list,
     )
@@ -141,10 +157,7 @@ def _check_apply_norm_call(targets: PcNonnegTargets, frame: Any) -> None:
         return
     config = scope.get("args")
     policy = config.get("pc_norm_missing", "warn") if hasattr(config, "get") else "warn"
-    if policy not in MISSING_POLICIES:
-        raise ValueError(
-            f"pc_norm_missing must be one of {', '.join(MISSING_POLICIES)}, got {policy!r}"
-        )
+    check_choice("pc_norm_missing", policy, MISSING_POLICIES)
     base_norm = sys.modules["torchdeq.norm.base_norm"]
     prefixes, filters = scope.get("prefix_filter_out"), scope.get("filter_out")
     matched, holders, unknown, skipped = 0, [], [], []

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from ..checks import ArgumentError, check_choice, check_positive, is_finite_number
 from ._common import BRIDGE_MARK, STOP_MODES, import_torchdeq
 
 __all__ = ["SOLVER_OPTIONS", "pcdeq_solver"]
@@ -59,15 +59,12 @@ def _check_options(max_iter: Any, tol: Any, stop_mode: Any, tau: Any, extra: dic
             "other solvers (Anderson's m, beta, lam; Broyden's ls) have no meaning for plain "
             "fixed-point iteration"
         )
-    if stop_mode not in STOP_MODES:
-        raise ValueError(f"unknown stop_mode {stop_mode!r}; choose one of {', '.join(STOP_MODES)}")
+    check_choice("stop_mode", stop_mode, STOP_MODES)
     if isinstance(max_iter, bool) or int(max_iter) != max_iter or max_iter < 0:
         raise ValueError(f"max_iter must be an integer >= 0, got {max_iter!r}")
-    if not (isinstance(tol, (int, float)) and tol > 0):  # NaN or <= 0 would never stop early
-        raise ValueError(f"tol must be a positive number, got {tol!r}")
-    number = isinstance(tau, (int, float)) and not isinstance(tau, bool)
-    if not (number and math.isfinite(tau) and 0 < tau <= 1):
-        raise ValueError(
+    check_positive("tol", tol)  # NaN or <= 0 would never stop early
+    if not (is_finite_number(tau) and 0 < tau <= 1):
+        raise ArgumentError(
             f"tau must be a damping factor in (0, 1], got {tau!r}: the damped map "
             "(1 - tau) z + tau f(z) stays positive concave only for 0 < tau <= 1 (tau > 1 "
             "over-relaxes and may leave the nonnegative orthant)"

@@ -48,7 +48,7 @@ def test_bad_train_values_are_refused(
         ({"batch_size": 32.0}, "batch_size must be an integer >= 1, got 32.0"),
         ({"lr": "0.1"}, "lr must be a finite number"),
         ({"seed": 1e20}, "seed must be an integer from 0 to 2**32 - 1"),
-        ({"download": "yes"}, "download must be true or false, got 'yes'"),
+        ({"download": "yes"}, "download must be True or False, got 'yes'"),
         ({}, "holds an empty object"),
     ],
 )

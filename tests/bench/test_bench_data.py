@@ -86,7 +86,7 @@ def test_conversion_script_reproduces_the_shipped_file(tmp_path: Path) -> None:
 
 
 def test_bad_split_and_unknown_dataset() -> None:
-    with pytest.raises(ValueError, match="unknown split 'val'; choose one of train, test"):
+    with pytest.raises(ValueError, match="unknown split 'val'; available: train, test"):
         load_mnist5k("val")
     with pytest.raises(UnknownNameError, match=r"unknown dataset 'imagenet'; available: .*mnist5k"):
         load_dataset("imagenet", "train")
