@@ -16,30 +16,35 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
-import torch
-from torch import nn
-
-from .cells import PcDEQConv, PcDEQLinear
-from .checks import (
-    ArgumentError,
-    all_finite,
-    check_choice,
-    check_count,
-    check_known_keys,
-    is_count,
+from .backbones import (
+    MEMORY_FORMATS,
+    LinearBackbone,
+    MultiConvBackbone,
+    SingleConvBackbone,
+    check_memory_format,
+    resolve_memory_format,
 )
+from .cells import PcDEQBlock, PcDEQConv, PcDEQLinear
+from .checks import ArgumentError, check_count, check_known_keys, is_count
 from .hookspecs import hookimpl
 from .interface import ImplicitModel, SolverConfig, split_solver_options
 from .registry import ModelSpec
 
 __all__ = [
+    # the memory-format helpers live with the backbones; named here too, as they were
+    # defined here before the backbones were shared
+    "MEMORY_FORMATS",
     "MODEL_SPECS",
     "PcDEQLinearNet",
     "PcDEQMultiConvNet",
     "PcDEQSingleConvNet",
     "build_pcdeq",
+    "check_memory_format",
+    "pcdeq_cell",
+    "resolve_memory_format",
 ]
 
 # keyword overrides passed to every block; the SolverConfig fields are collected into its config
@@ -53,7 +58,18 @@ _BLOCK_KEYS = (
 )
 
 
-class PcDEQLinearNet(ImplicitModel):
+def pcdeq_cell(state_shape: tuple[int, ...], name: str, **options: Any) -> PcDEQBlock:
+    """A pcDEQ block for ``state_shape``: dense for ``(width,)``, 3x3 conv for ``(C, H, W)``.
+
+    ``options`` are :class:`~pcdeq_plugin.cells.PcDEQBlock`'s (``variant``, ``activation``,
+    ``config``, ...).
+    """
+    if len(state_shape) == 1:
+        return PcDEQLinear(state_shape[0], name=name, **options)
+    return PcDEQConv(state_shape[0], name=name, **options)
+
+
+class PcDEQLinearNet(LinearBackbone):
     """flatten -> Linear -> BN -> pcDEQ (dense) -> BN -> Linear classifier."""
 
     family = "pcdeq"
@@ -65,63 +81,13 @@ class PcDEQLinearNet(ImplicitModel):
         width: int,
         **block_kwargs: Any,
     ) -> None:
-        super().__init__()
-        in_features = int(torch.Size(input_shape).numel())
-        self.input_shape = tuple(input_shape)
-        self.flatten = nn.Flatten()
-        self.linear1 = nn.Linear(in_features, width)
-        self.bn1 = nn.BatchNorm1d(width)
-        self.block = PcDEQLinear(width, name="block", **block_kwargs)
-        self.bn2 = nn.BatchNorm1d(width)
-        self.classifier = nn.Linear(width, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_image_batch(x, self.input_shape)
-        x = self.bn1(self.linear1(self.flatten(x)))
-        return self.classifier(self.bn2(self.block(x)))
+        super().__init__(input_shape, num_classes, width, partial(pcdeq_cell, **block_kwargs))
 
 
-#: ``memory_format`` values of the convolutional networks
-MEMORY_FORMATS: tuple[str, ...] = ("auto", "channels_last", "contiguous")
-_TORCH_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
-
-
-def check_memory_format(value: object) -> str:
-    """``value`` if it names a memory layout (see :data:`MEMORY_FORMATS`), else a clear error."""
-    return check_choice("memory_format", value, MEMORY_FORMATS)
-
-
-def resolve_memory_format(choice: str, device: torch.device) -> torch.memory_format:
-    """The layout a convolutional network computes in on ``device``.
-
-    ``"auto"`` is channels-last on the CPU (oneDNN convolutions, BatchNorm and pooling run
-    NHWC natively: an 82-channel 3x3 convolution at 28x28 took 70 ms NHWC against 119 ms
-    NCHW here, and bfloat16 needs NHWC for AMX) and on CUDA (tensor-core convolutions are
-    NHWC); NCHW elsewhere.
-    """
-    if choice == "auto":
-        return torch.channels_last if device.type in ("cpu", "cuda") else torch.contiguous_format
-    return _TORCH_FORMATS[choice]
-
-
-class _ConvNet(ImplicitModel):
-    """A convolutional pcDEQ network: inputs are laid out in the chosen memory format."""
+class PcDEQSingleConvNet(SingleConvBackbone):
+    """conv3x3 -> BN -> pcDEQ (conv) -> maxpool(3,1,1) -> BN -> avgpool(8) -> Linear."""
 
     family = "pcdeq"
-
-    def __init__(self, memory_format: str = "auto") -> None:
-        super().__init__()
-        self.memory_format = check_memory_format(memory_format)
-
-    def _layout(self, x: torch.Tensor) -> torch.Tensor:
-        # Every later activation (cells, BatchNorm, pools, the solver's states) inherits
-        # the layout. Applied to the input and again to the stem's output: a 1-channel
-        # image is NCHW and NHWC at once, and its convolution would answer in NCHW.
-        return x.contiguous(memory_format=resolve_memory_format(self.memory_format, x.device))
-
-
-class PcDEQSingleConvNet(_ConvNet):
-    """conv3x3 -> BN -> pcDEQ (conv) -> maxpool(3,1,1) -> BN -> avgpool(8) -> Linear."""
 
     def __init__(
         self,
@@ -131,30 +97,14 @@ class PcDEQSingleConvNet(_ConvNet):
         memory_format: str = "auto",
         **block_kwargs: Any,
     ) -> None:
-        super().__init__(memory_format)
-        channels, height, width_px = input_shape
-        self.input_shape = tuple(input_shape)
-        self.conv1 = nn.Conv2d(channels, width, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.block = PcDEQConv(width, name="block", **block_kwargs)
-        self.max_pool = nn.MaxPool2d(3, 1, 1)
-        self.bn2 = nn.BatchNorm2d(width)
-        # the official AvgPool2d(8) (28 -> 3x3, 32 -> 4x4); smaller inputs pool what they have
-        kernel = (min(8, height), min(8, width_px))
-        self.avg_pool = nn.AvgPool2d(kernel)
-        self.flatten = nn.Flatten()
-        pooled = (height // kernel[0]) * (width_px // kernel[1])
-        self.classifier = nn.Linear(width * pooled, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_image_batch(x, self.input_shape)
-        x = self.block(self.bn1(self._layout(self.conv1(self._layout(x)))))
-        x = self.avg_pool(self.bn2(self.max_pool(x)))
-        return self.classifier(self.flatten(x))
+        cell = partial(pcdeq_cell, **block_kwargs)
+        super().__init__(input_shape, num_classes, width, cell, memory_format)
 
 
-class PcDEQMultiConvNet(_ConvNet):
+class PcDEQMultiConvNet(MultiConvBackbone):
     """Three conv pcDEQ blocks, each followed by maxpool and BN, joined by strided convs."""
+
+    family = "pcdeq"
 
     def __init__(
         self,
@@ -164,71 +114,8 @@ class PcDEQMultiConvNet(_ConvNet):
         memory_format: str = "auto",
         **block_kwargs: Any,
     ) -> None:
-        super().__init__(memory_format)
-        channels, height, width_px = input_shape
-        if min(height, width_px) < 7:
-            raise ValueError(
-                f"the multi-conv pcDEQ net needs inputs of at least 7x7 (two stride-2 3x3 "
-                f"convolutions without padding), got {height}x{width_px}"
-            )
-        ch1, ch2, ch3 = widths
-        self.input_shape = tuple(input_shape)
-        self.conv1 = nn.Conv2d(channels, ch1, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(ch1)
-        self.block1 = PcDEQConv(ch1, name="block1", **block_kwargs)
-        self.bn2 = nn.BatchNorm2d(ch1)
-        self.downsample1 = nn.Conv2d(ch1, ch2, 3, stride=2)
-        self.bn3 = nn.BatchNorm2d(ch2)
-        self.block2 = PcDEQConv(ch2, name="block2", **block_kwargs)
-        self.bn4 = nn.BatchNorm2d(ch2)
-        self.downsample2 = nn.Conv2d(ch2, ch3, 3, stride=2)
-        self.bn5 = nn.BatchNorm2d(ch3)
-        self.block3 = PcDEQConv(ch3, name="block3", **block_kwargs)
-        self.bn6 = nn.BatchNorm2d(ch3)
-        self.max_pool = nn.MaxPool2d(3, 1, 1)
-        # 28 -> 13 -> 6 and 32 -> 15 -> 7; the official AvgPool2d(4) then gives 1x1
-        final = [((s - 3) // 2 + 1 - 3) // 2 + 1 for s in (height, width_px)]
-        kernel = (min(4, final[0]), min(4, final[1]))
-        self.avg_pool = nn.AvgPool2d(kernel)
-        self.flatten = nn.Flatten()
-        pooled = (final[0] // kernel[0]) * (final[1] // kernel[1])
-        self.classifier = nn.Linear(ch3 * pooled, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_image_batch(x, self.input_shape)
-        x = self.block1(self.bn1(self._layout(self.conv1(self._layout(x)))))
-        x = self.bn2(self.max_pool(x))
-        x = self.block2(self.bn3(self.downsample1(x)))
-        x = self.bn4(self.max_pool(x))
-        x = self.block3(self.bn5(self.downsample2(x)))
-        x = self.bn6(self.max_pool(x))
-        return self.classifier(self.flatten(self.avg_pool(x)))
-
-
-def _check_image_batch(x: torch.Tensor, input_shape: tuple[int, ...]) -> None:
-    if not isinstance(x, torch.Tensor) or tuple(x.shape[1:]) != tuple(input_shape) or x.dim() != 4:
-        got = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(
-            f"expected a batch of images of shape [batch, {', '.join(map(str, input_shape))}], "
-            f"got {got}"
-        )
-    if not x.is_floating_point():
-        raise TypeError(
-            f"expected a floating-point batch of images, got dtype {x.dtype} (convert with "
-            "x.float(), scaled as the model was trained)"
-        )
-    if x.shape[0] == 0:
-        raise ValueError("expected a non-empty batch of images, got batch size 0")
-    # checked here, before the stem: a NaN reaching a training-mode BatchNorm would poison
-    # its running statistics, so every later clean input would be refused too
-    if not all_finite(x):
-        finite = torch.isfinite(x)
-        bad = int((~finite).sum())
-        sample = int(torch.nonzero(~finite.flatten(1).all(dim=1))[0, 0])
-        raise ValueError(
-            f"the batch of images contains {bad} NaN/Inf value(s) (first in sample {sample}); "
-            "nothing was updated -- clean or drop those inputs"
-        )
+        cell = partial(pcdeq_cell, **block_kwargs)
+        super().__init__(input_shape, num_classes, widths, cell, memory_format)
 
 
 # -- widths, presets, factories -------------------------------------------------------------
