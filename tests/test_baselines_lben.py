@@ -119,13 +119,15 @@ def test_equilibrium_solves_the_lben_equation_itself(name, options, float64):
 @pytest.mark.parametrize("name", ["lben-fc", pytest.param("lben-conv", marks=pytest.mark.slow)])
 def test_lipschitz_bound_holds_on_random_and_adversarial_pairs(name, float64):
     gamma = 0.3
-    model = _tiny(name, gamma=gamma, splitting="pr", tol=1e-10, max_iter=5000, stop_rule="residual")
+    conv = name == "lben-conv"  # its solve is ~20x dearer: a smaller batch, tol 1e-9
+    tol = 1e-9 if conv else 1e-10
+    model = _tiny(name, gamma=gamma, splitting="pr", tol=tol, max_iter=5000, stop_rule="residual")
     _scale_inputs(model, 4.0)  # a strong input map: the bound has to bind
-    x1 = torch.randn(32, *SHAPE)
+    x1 = torch.randn(12 if conv else 32, *SHAPE)
     model.tune_alpha(x1)  # PR converges for any alpha; a tuned one is just faster
     x2 = x1 + 0.3 * torch.randn_like(x1)
     ratios = _ratios(model, x1, x2)
-    adversarial = _adversarial_ratios(model, x1[:6])
+    adversarial = _adversarial_ratios(model, x1[:6], steps=8 if conv else 25)
     assert model.lipschitz_certificate().bound == gamma
     assert ratios.max() <= gamma * (1 + 1e-6), float(ratios.max())
     assert adversarial.max() <= gamma * (1 + 1e-6), float(adversarial.max())
@@ -140,7 +142,8 @@ def test_negative_control_the_bound_fails_without_the_parametrisation(name, floa
     model.operator.gamma = None  # bypass: drop the terms that enforce the bound
     x1 = torch.randn(6, *SHAPE)
     model.tune_alpha(x1)
-    assert _adversarial_ratios(model, x1).max() > 1.5 * gamma
+    steps = 25 if name == "lben-fc" else 8
+    assert _adversarial_ratios(model, x1, steps=steps).max() > 1.5 * gamma
 
 
 def test_fc_lmi_is_positive_definite_only_with_the_parametrisation(float64):
