@@ -9,6 +9,15 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from .catalog import (
+    build_model,
+    get_activation,
+    get_solver,
+    list_activations,
+    list_datasets,
+    list_models,
+    list_solvers,
+)
 from .hookspecs import hookimpl
 from .interface import (
     BlockStats,
@@ -21,20 +30,13 @@ from .interface import (
     SolveStats,
 )
 from .plugins import PluginError, PluginWarning, add_plugin, load_plugins, plugin_report
-from .registry import (
+from .specs import (
     ActivationSpec,
     DatasetSpec,
     DuplicateNameError,
     ModelSpec,
     SolverSpec,
     UnknownNameError,
-    build_model,
-    get_activation,
-    get_solver,
-    list_activations,
-    list_datasets,
-    list_models,
-    list_solvers,
 )
 
 __version__ = "0.1.0"

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .registry import ActivationSpec
+from .specs import ActivationSpec
 
 __all__ = [
     "ActivationCheckError",

@@ -25,8 +25,10 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .activation_checks import verify_activation
+from .catalog import get_activation, list_activations
 from .hookspecs import hookimpl
-from .registry import ActivationSpec, get_activation, list_activations
+from .specs import ActivationSpec
 
 __all__ = [
     "BUILTIN_ACTIVATIONS",
@@ -145,8 +147,6 @@ def resolve_activation(activation: str | ActivationSpec, variant: int) -> Activa
             get_activation(activation.name) is activation
         )
         if not registered:
-            from .activation_checks import verify_activation
-
             verify_activation(spec)
     else:
         raise TypeError(

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
-    from .registry import ActivationSpec, DatasetSpec, ModelSpec, SolverSpec
+    from .specs import ActivationSpec, DatasetSpec, ModelSpec, SolverSpec
 
 PROJECT_NAME = "pcdeq"
 

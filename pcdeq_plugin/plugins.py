@@ -30,7 +30,7 @@ import importlib
 import os
 import threading
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
@@ -38,7 +38,7 @@ from typing import Any
 import pluggy
 
 from . import hookspecs
-from .registry import ACTIVATIONS, DATASETS, MODELS, SOLVERS, Registry
+from .spec_registry import Registry
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -46,6 +46,7 @@ __all__ = [
     "PluginRecord",
     "PluginWarning",
     "add_plugin",
+    "connect_registries",
     "get_plugin_manager",
     "load_plugins",
     "plugin_report",
@@ -64,13 +65,8 @@ BUILTIN_MODULES: tuple[str, ...] = (
     "pcdeq_plugin.models",
 )
 
-# hook name -> the registry its results go to
-_HOOK_TARGETS: dict[str, Registry[Any]] = {
-    "pcdeq_register_activations": ACTIVATIONS,
-    "pcdeq_register_solvers": SOLVERS,
-    "pcdeq_register_models": MODELS,
-    "pcdeq_register_datasets": DATASETS,
-}
+# hook name -> the registry its results go to; filled by the wiring module (catalog.py)
+_HOOK_TARGETS: dict[str, Registry[Any]] = {}
 
 
 class PluginError(RuntimeError):
@@ -117,6 +113,26 @@ def _name_list(value: str | None) -> set[str]:
 
 def _strict(strict: bool | None) -> bool:
     return _truthy(os.environ.get(ENV_STRICT)) if strict is None else strict
+
+
+def connect_registries(targets: Mapping[str, Registry[Any]]) -> None:
+    """Send what each registration hook returns to its registry (replaces earlier targets).
+
+    Called once by :mod:`pcdeq_plugin.catalog`, which creates the registries; the plugin
+    manager itself imports none of them.
+
+    Raises:
+        ValueError: a hook name that no hook specification declares.
+    """
+    declared = sorted(n for n in vars(hookspecs) if n.startswith(f"{hookspecs.PROJECT_NAME}_"))
+    unknown = sorted(set(targets) - set(declared))
+    if unknown:
+        raise ValueError(
+            f"no hook specification for {', '.join(unknown)}; the hooks are: {', '.join(declared)}"
+        )
+    with _state.lock:
+        _HOOK_TARGETS.clear()
+        _HOOK_TARGETS.update(targets)
 
 
 def get_plugin_manager() -> pluggy.PluginManager:
@@ -358,7 +374,7 @@ def _forget_everything() -> None:
     _state.records = []
     _state.reported_pending = set()
     for registry in _HOOK_TARGETS.values():
-        registry._clear()
+        registry.reset()
 
 
 _default_entry_points = _entry_points

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import importlib
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from pcdeq_plugin import UnknownNameError, add_plugin, plugin_report
-from pcdeq_plugin.registry import MODELS
+from pcdeq_plugin.catalog import MODELS
+from pcdeq_plugin.recipes import TrainingRecipe
 
 from .checkpoint import load_checkpoint
-from .config import RESUMABLE_OVERRIDES, TRAINING_KEYS, ConfigError, TrainConfig, defaults
+from .config import RESUMABLE_OVERRIDES, ConfigError, TrainConfig, defaults
 from .datasets import dataset_info
 from .rundir import BEST, LAST, RUN_FILES, describe_leftover
 
@@ -70,20 +72,17 @@ def checkpoint_plugins_note(named: list[str], path: Path) -> str | None:
     )
 
 
-def training_recipe(training: dict[str, Any], dataset: str) -> dict[str, Any]:
-    """The harness keys of a ``ModelSpec.training`` mapping, for ``dataset``.
+def training_recipe(training: TrainingRecipe | Mapping[str, Any], dataset: str) -> dict[str, Any]:
+    """The harness values a model's recipe (``ModelSpec.training``) declares for ``dataset``.
 
-    Understands ``milestones: [m]`` (one milestone, as in the pcDEQ scripts) and a
-    ``per_dataset: {name: {...}}`` table whose entry for ``dataset`` wins.
+    The recipe's ``per_dataset`` entry for ``dataset`` wins field by field; its one
+    milestone comes back as ``milestone``. A mapping in the recipe's form is converted
+    (and checked) first.
     """
-    flat = dict(training)
-    per_dataset = flat.pop("per_dataset", None)
-    if isinstance(per_dataset, dict) and isinstance(per_dataset.get(dataset), dict):
-        flat.update(per_dataset[dataset])
-    milestones = flat.pop("milestones", None)
-    if "milestone" not in flat and isinstance(milestones, (list, tuple)) and len(milestones) == 1:
-        flat["milestone"] = int(milestones[0])
-    return {k: v for k, v in flat.items() if k in TRAINING_KEYS}
+    recipe = (
+        training if isinstance(training, TrainingRecipe) else TrainingRecipe.from_mapping(training)
+    )
+    return recipe.harness_options(dataset)
 
 
 def resolve_config(given: dict[str, Any]) -> tuple[TrainConfig, dict[str, Any] | None]:

@@ -15,6 +15,7 @@ its statistics are described in :mod:`pcdeq_baselines.deq.block`.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
@@ -24,6 +25,7 @@ from torch import nn
 
 from pcdeq_plugin import ImplicitModel, ModelSpec
 from pcdeq_plugin.backbones import LinearBackbone, MultiConvBackbone, SingleConvBackbone
+from pcdeq_plugin.models import TRAINING as PCDEQ_TRAINING
 
 from ..options import check_counts, check_input_shape, check_overrides
 from .block import UnconstrainedDEQBlock
@@ -190,21 +192,13 @@ build_deq_single_conv = _factory(UnconstrainedDEQSingleConv, "deq-single-conv", 
 build_deq_multi_conv = _factory(UnconstrainedDEQMultiConv, "deq-multi-conv", "widths")
 
 
-def _training(**per_dataset: dict[str, Any]) -> dict[str, Any]:
-    # The pcDEQ recipe (official README examples), so the comparison differs only in the cell.
-    return {
-        "optimizer": "adamw",
-        "lr": 5e-4,
-        "batch_size": 64,
-        "schedule": "multistep, gamma 0.1 at one milestone",
-        "source": "pcDEQ README (mateuszgabor/pcdeq); applied unchanged to the unconstrained cell",
-        **per_dataset,
-    }
-
-
-_MNIST = {"epochs": 40, "milestone": 30, "weight_decay": 1.5e-2}
-_SVHN = {"epochs": 80, "milestone": 70, "weight_decay": 2e-2}
-_CIFAR = {"epochs": 120, "milestone": 100, "weight_decay": 2e-2}
+# The pcDEQ recipe (official README examples) on every dataset, so the comparison differs
+# only in the cell.
+_TRAINING = dataclasses.replace(
+    PCDEQ_TRAINING,
+    notes={"schedule": "multistep, gamma 0.1 at one milestone"},
+    source="pcDEQ README (mateuszgabor/pcdeq); applied unchanged to the unconstrained cell",
+)
 
 MODEL_SPECS: dict[str, ModelSpec] = {
     "deq-linear": ModelSpec(
@@ -213,7 +207,7 @@ MODEL_SPECS: dict[str, ModelSpec] = {
         family="deq",
         description="Unconstrained DEQ, pcDEQ linear backbone, TorchDEQ Anderson + IFT",
         presets={"mnist": {"width": 80}, "small": {"width": 64}},  # mnist: 70,410 parameters
-        training=_training(mnist=_MNIST),
+        training=_TRAINING,
     ),
     "deq-single-conv": ModelSpec(
         name="deq-single-conv",
@@ -228,7 +222,7 @@ MODEL_SPECS: dict[str, ModelSpec] = {
             # solver iterations by the end of a small epoch (about 57 s of CPU at 16), so 8.
             "small": {"width": 8},
         },
-        training=_training(mnist=_MNIST, svhn=_SVHN, cifar10=_CIFAR),
+        training=_TRAINING,
     ),
     "deq-multi-conv": ModelSpec(
         name="deq-multi-conv",
@@ -242,6 +236,6 @@ MODEL_SPECS: dict[str, ModelSpec] = {
             "cifar10-aug": {"widths": (100, 120, 140)},  # 661,470
             "small": {"widths": (8, 16, 32)},
         },
-        training=_training(mnist=_MNIST, svhn=_SVHN, cifar10=_CIFAR),
+        training=_TRAINING,
     ),
 }

@@ -11,6 +11,7 @@ from torch import nn
 
 from pcdeq_plugin import ImplicitModel, ModelSpec, SolverConfig
 from pcdeq_plugin.interface import split_solver_options
+from pcdeq_plugin.recipes import TrainingRecipe
 
 from ..options import check_count, check_input_shape, check_overrides, is_mnist_like
 from .block import GEQ_SOLVER, GEQBlock, GEQConvBlock, GEQLinearBlock
@@ -113,19 +114,17 @@ def make_geq_conv(
 
 # The paper trains with SGD and a step schedule on CIFAR/ImageNet-100; it gives no MNIST or
 # small-model recipe. This recipe is ours: the monDEQ-style Adam recipe of the harness.
-_TRAINING = {
-    "optimizer": "adam",
-    "lr": 1e-3,
-    "weight_decay": 0.0,
-    "batch_size": 128,
-    "test_batch_size": 400,
-    "epochs": 40,
-    "milestone": 30,
-    "gamma": 0.1,
-    "schedule": "step",
-    "runs": 3,
-    "source": "ours (GEQ paper: SGD + step LR at ImageNet/CIFAR scale, no small-model recipe)",
-}
+_TRAINING = TrainingRecipe(
+    optimizer="adam",
+    lr=1e-3,
+    weight_decay=0.0,
+    batch_size=128,
+    epochs=40,
+    milestones=(30,),
+    gamma=0.1,
+    notes={"test_batch_size": 400, "schedule": "step", "runs": 3},
+    source="ours (GEQ paper: SGD + step LR at ImageNet/CIFAR scale, no small-model recipe)",
+)
 
 MODEL_SPECS: dict[str, ModelSpec] = {
     "geq-fc": ModelSpec(

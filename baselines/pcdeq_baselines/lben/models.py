@@ -7,12 +7,14 @@ solves, Theorem-3 backward, alpha tuning, statistics and failure policy, on the 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
 import torch
 
 from pcdeq_plugin import ModelSpec
+from pcdeq_plugin.recipes import TrainingRecipe
 
 from ..mondeq.block import MonDEQBlock
 from ..mondeq.models import _SOLVER_DEFAULTS, _MonDEQNet
@@ -146,28 +148,24 @@ def make_lben_conv(
 # The released scripts: Adam (no weight decay), batch 128, lr 1e-3 decayed x0.1 every
 # `lr_step_epochs`; one run (seed 1). MNIST FC: 30 epochs, decay every 10. CIFAR conv:
 # 25 epochs, decay every 15, float64, test batch 250.
-_TRAINING_FC = {
-    "optimizer": "adam",
-    "lr": 1e-3,
-    "weight_decay": 0.0,
-    "batch_size": 128,
-    "test_batch_size": 400,
-    "epochs": 30,
-    "milestone": 10,
-    "gamma": 0.1,
-    "schedule": "step",
-    "lr_step_epochs": 10,
-    "runs": 1,
-    "source": "LBEN code (mrevay/LipschitzBoundedEquilibriumModels), mnist_experiment.py",
-}
-_TRAINING_CONV = {
-    **_TRAINING_FC,
-    "epochs": 25,
-    "milestone": 15,
-    "lr_step_epochs": 15,
-    "test_batch_size": 250,
-    "source": "LBEN code (mrevay/LipschitzBoundedEquilibriumModels), conv_experiment.py",
-}
+_TRAINING_FC = TrainingRecipe(
+    optimizer="adam",
+    lr=1e-3,
+    weight_decay=0.0,
+    batch_size=128,
+    epochs=30,
+    milestones=(10,),
+    gamma=0.1,
+    notes={"test_batch_size": 400, "schedule": "step", "lr_step_epochs": 10, "runs": 1},
+    source="LBEN code (mrevay/LipschitzBoundedEquilibriumModels), mnist_experiment.py",
+)
+_TRAINING_CONV = dataclasses.replace(
+    _TRAINING_FC,
+    epochs=25,
+    milestones=(15,),
+    notes={"test_batch_size": 250, "schedule": "step", "lr_step_epochs": 15, "runs": 1},
+    source="LBEN code (mrevay/LipschitzBoundedEquilibriumModels), conv_experiment.py",
+)
 _SMALL = {"steps_per_epoch": 32}
 _MNIST, _SVHN, _CIFAR = ({"steps_per_epoch": n} for n in (469, 573, 391))
 

@@ -34,6 +34,7 @@ baselines.md section 8.2).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -42,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pcdeq_plugin import ImplicitModel, ModelSpec
+from pcdeq_plugin.recipes import RecipeOverride, TrainingRecipe
 
 from ..options import check_count, check_counts, check_input_shape, check_overrides, is_mnist_like
 from .block import MonDEQBlock
@@ -208,28 +210,26 @@ def make_mondeq_multi_tier(
 # epochs; 3 runs. CIFAR multi-tier uses lr 1e-2; the single convs on SVHN/CIFAR decay every
 # 25 epochs. The harness applies one milestone (`milestone`, `gamma`): the paper's first
 # decay; `lr_step_epochs` records the full step schedule.
-_TRAINING_BASE = {
-    "optimizer": "adam",
-    "lr": 1e-3,
-    "weight_decay": 0.0,
-    "batch_size": 128,
-    "test_batch_size": 400,
-    "epochs": 40,
-    "milestone": 10,
-    "gamma": 0.1,
-    "schedule": "step",
-    "lr_step_epochs": 10,
-    "runs": 3,
-    "source": "monDEQ paper, Winston & Kolter 2020, appendix E",
-}
-_SLOW_DECAY = {"milestone": 25, "lr_step_epochs": 25}
+_TRAINING_BASE = TrainingRecipe(
+    optimizer="adam",
+    lr=1e-3,
+    weight_decay=0.0,
+    batch_size=128,
+    epochs=40,
+    milestones=(10,),
+    gamma=0.1,
+    notes={"test_batch_size": 400, "schedule": "step", "lr_step_epochs": 10, "runs": 3},
+    source="monDEQ paper, Winston & Kolter 2020, appendix E",
+)
+_SLOW_DECAY = RecipeOverride(milestones=(25,), notes={"lr_step_epochs": 25})
 _TRAINING = {
-    "mondeq-fc": dict(_TRAINING_BASE),
-    "mondeq-single-conv": {
-        **_TRAINING_BASE,
-        "per_dataset": {"svhn": _SLOW_DECAY, "cifar10": _SLOW_DECAY},
-    },
-    "mondeq-multi-tier": {**_TRAINING_BASE, "per_dataset": {"cifar10": {"lr": 1e-2}}},
+    "mondeq-fc": _TRAINING_BASE,
+    "mondeq-single-conv": dataclasses.replace(
+        _TRAINING_BASE, per_dataset={"svhn": _SLOW_DECAY, "cifar10": _SLOW_DECAY}
+    ),
+    "mondeq-multi-tier": dataclasses.replace(
+        _TRAINING_BASE, per_dataset={"cifar10": RecipeOverride(lr=1e-2)}
+    ),
 }
 
 # "small": one epoch over 4,000 MNIST images in well under a minute on CPU; alpha is tuned

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pcdeq_plugin import ImplicitModel, ModelSpec
+from pcdeq_plugin.recipes import TrainingRecipe
 
 from ..options import (
     check_choice,
@@ -210,14 +211,14 @@ def build_anode(
 # recorded evaluation; cheaper than re-solving the adjoint ODE at this size).
 _SMALL = {"rtol": 1e-2, "atol": 1e-2, "adjoint": False}
 
-_ODE_TRAINING = {
-    "optimizer": "adam",
-    "lr": 1e-3,
-    "weight_decay": 0.0,
-    "batch_size": 256,
-    "epochs": 20,
-    "source": "ANODE config_img.json (MNIST); no input normalisation or augmentation",
-}
+_ODE_TRAINING = TrainingRecipe(
+    optimizer="adam",
+    lr=1e-3,
+    weight_decay=0.0,
+    batch_size=256,
+    epochs=20,
+    source="ANODE config_img.json (MNIST); no input normalisation or augmentation",
+)
 
 MODEL_SPECS: dict[str, ModelSpec] = {
     "node": ModelSpec(
@@ -231,7 +232,7 @@ MODEL_SPECS: dict[str, ModelSpec] = {
             "cifar10": dict(_SIZES["node"]["color"]),
             "small": {"hidden": 8, **_SMALL},
         },
-        training=dict(_ODE_TRAINING),
+        training=_ODE_TRAINING,
     ),
     "anode": ModelSpec(
         name="anode",
@@ -244,6 +245,6 @@ MODEL_SPECS: dict[str, ModelSpec] = {
             "cifar10": dict(_SIZES["anode"]["color"]),
             "small": {"hidden": 8, "augment_channels": 2, **_SMALL},
         },
-        training=dict(_ODE_TRAINING),
+        training=_ODE_TRAINING,
     ),
 }

@@ -19,6 +19,7 @@ Deviations from the released code, on purpose:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -27,6 +28,7 @@ from torch import nn
 
 from pcdeq_plugin import ImplicitModel, ModelSpec, SolverConfig
 from pcdeq_plugin.interface import split_solver_options
+from pcdeq_plugin.recipes import TrainingRecipe
 
 from ..options import check_count, check_input_shape, check_overrides, is_mnist_like
 from .block import (
@@ -181,19 +183,16 @@ def make_subdeq_conv_normalized(
 
 # Adam, lr 1e-3, weight decay 1e-5, cosine annealing per step down to 1e-6, batch 128
 # (test 512); 30 epochs (MNIST FC) or 40 (conv); 5 runs; best-on-validation model scored.
-_TRAINING_FC = {
-    "optimizer": "adam",
-    "lr": 1e-3,
-    "weight_decay": 1e-5,
-    "batch_size": 128,
-    "test_batch_size": 512,
-    "epochs": 30,
-    "schedule": "cosine_per_step",
-    "min_lr": 1e-6,
-    "runs": 5,
-    "source": "SubDEQ released train.py (Sittoni & Tudisco, ICML 2024)",
-}
-_TRAINING_CONV = {**_TRAINING_FC, "epochs": 40}
+_TRAINING_FC = TrainingRecipe(
+    optimizer="adam",
+    lr=1e-3,
+    weight_decay=1e-5,
+    batch_size=128,
+    epochs=30,
+    notes={"test_batch_size": 512, "schedule": "cosine_per_step", "min_lr": 1e-6, "runs": 5},
+    source="SubDEQ released train.py (Sittoni & Tudisco, ICML 2024)",
+)
+_TRAINING_CONV = dataclasses.replace(_TRAINING_FC, epochs=40)
 
 _FC_PRESETS = {"mnist": {"width": 87}, "small": {"width": 64}}
 _CONV_PRESETS = {
