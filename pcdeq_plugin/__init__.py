@@ -12,8 +12,10 @@ from typing import Any
 from .catalog import (
     build_model,
     get_activation,
+    get_cell,
     get_solver,
     list_activations,
+    list_cells,
     list_datasets,
     list_models,
     list_solvers,
@@ -32,6 +34,7 @@ from .interface import (
 from .plugins import PluginError, PluginWarning, add_plugin, load_plugins, plugin_report
 from .specs import (
     ActivationSpec,
+    CellSpec,
     DatasetSpec,
     DuplicateNameError,
     ModelSpec,
@@ -62,6 +65,7 @@ _LAZY: dict[str, str] = {
 __all__ = [
     "ActivationSpec",
     "BlockStats",
+    "CellSpec",
     "ConvergenceError",
     "ConvergenceWarning",
     "DatasetSpec",
@@ -80,9 +84,11 @@ __all__ = [
     "add_plugin",
     "build_model",
     "get_activation",
+    "get_cell",
     "get_solver",
     "hookimpl",
     "list_activations",
+    "list_cells",
     "list_datasets",
     "list_models",
     "list_solvers",

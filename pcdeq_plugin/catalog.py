@@ -20,6 +20,7 @@ from .activation_checks import verify_activation
 from .spec_registry import Registry
 from .specs import (
     ActivationSpec,
+    CellSpec,
     DatasetSpec,
     FixedPointSolver,
     ModelSpec,
@@ -32,13 +33,16 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ACTIVATIONS",
+    "CELLS",
     "DATASETS",
     "MODELS",
     "SOLVERS",
     "build_model",
     "get_activation",
+    "get_cell",
     "get_solver",
     "list_activations",
+    "list_cells",
     "list_datasets",
     "list_models",
     "list_solvers",
@@ -56,12 +60,16 @@ DATASETS: Registry[DatasetSpec] = Registry(
     "dataset", spec_type=DatasetSpec, loader=plugins.load_plugins
 )
 
+# a cell is checked when it is built on a backbone (its shape and options), not before
+CELLS: Registry[CellSpec] = Registry("cell", spec_type=CellSpec, loader=plugins.load_plugins)
+
 plugins.connect_registries(
     {
         "pcdeq_register_activations": ACTIVATIONS,
         "pcdeq_register_solvers": SOLVERS,
         "pcdeq_register_models": MODELS,
         "pcdeq_register_datasets": DATASETS,
+        "pcdeq_register_cells": CELLS,
     }
 )
 
@@ -150,3 +158,13 @@ def list_models() -> list[str]:
 def list_datasets() -> list[str]:
     """Names of the registered datasets (the harness registers its own on use)."""
     return DATASETS.names()
+
+
+def get_cell(name: str) -> CellSpec:
+    """The registered cell called ``name`` (see :mod:`~pcdeq_plugin.cell_models`)."""
+    return CELLS.get(name)
+
+
+def list_cells() -> list[str]:
+    """Names of the registered implicit cells (built-ins and plugins)."""
+    return CELLS.names()

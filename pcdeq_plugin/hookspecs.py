@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
-    from .specs import ActivationSpec, DatasetSpec, ModelSpec, SolverSpec
+    from .specs import ActivationSpec, CellSpec, DatasetSpec, ModelSpec, SolverSpec
 
 PROJECT_NAME = "pcdeq"
 
@@ -52,3 +52,8 @@ def pcdeq_register_models() -> dict[str, ModelSpec]:
 @hookspec
 def pcdeq_register_datasets() -> dict[str, DatasetSpec]:
     """Return ``{name: DatasetSpec}``: datasets the benchmark harness can train on."""
+
+
+@hookspec
+def pcdeq_register_cells() -> dict[str, CellSpec]:
+    """Return ``{name: CellSpec}``: implicit cells any registered backbone can carry."""

@@ -63,6 +63,7 @@ BUILTIN_MODULES: tuple[str, ...] = (
     "pcdeq_plugin.activations",
     "pcdeq_plugin.solvers",
     "pcdeq_plugin.models",
+    "pcdeq_plugin.cell_models",
 )
 
 # hook name -> the registry its results go to; filled by the wiring module (catalog.py)

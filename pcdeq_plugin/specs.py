@@ -22,7 +22,9 @@ if TYPE_CHECKING:
 __all__ = [
     "ACTIVATION_KINDS",
     "ActivationKind",
+    "CELL_STATE_KINDS",
     "ActivationSpec",
+    "CellSpec",
     "DatasetSpec",
     "DuplicateNameError",
     "FixedPointSolver",
@@ -161,6 +163,44 @@ class ModelSpec:
                 f"model {self.name!r}: training must be a TrainingRecipe or a mapping of its "
                 f"fields, got {type(self.training).__name__}"
             )
+
+
+#: the kinds of state a cell can take: ``(width,)`` or ``(channels, height, width)``
+CELL_STATE_KINDS: tuple[str, ...] = ("dense", "conv")
+
+
+@dataclass(frozen=True)
+class CellSpec:
+    """A registered implicit cell, placed by name on any backbone (``cell="NAME"``).
+
+    ``factory(state_shape, name, **options)`` returns an
+    :class:`~pcdeq_plugin.interface.ImplicitBlock` that maps ``[B, *state_shape]`` to its
+    equilibrium of the same shape; ``state_shape`` is ``(width,)`` for a dense state and
+    ``(channels, height, width)`` for a convolutional one.
+
+    Attributes:
+        family: Report family of the models built with it (``"pcdeq"``, ``"deq"``, ...).
+        state_kinds: The kinds of state it takes (:data:`CELL_STATE_KINDS`).
+        options: Names of the keyword options the factory accepts (checked, and listed in
+            the error, before anything is built).
+    """
+
+    name: str
+    factory: Callable[..., Any]
+    family: str
+    description: str = ""
+    state_kinds: tuple[str, ...] = CELL_STATE_KINDS
+    options: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        kinds = tuple(self.state_kinds)
+        if not kinds or not set(kinds) <= set(CELL_STATE_KINDS):
+            raise ValueError(
+                f"cell {self.name!r}: state_kinds must be a non-empty subset of "
+                f"{', '.join(CELL_STATE_KINDS)}, got {self.state_kinds!r}"
+            )
+        object.__setattr__(self, "state_kinds", kinds)
+        object.__setattr__(self, "options", tuple(self.options))
 
 
 @dataclass(frozen=True)
