@@ -50,7 +50,9 @@ PUBLISHED: dict[str, dict[str, dict[str, object]]] = {
         for arch in ("linear", "single-conv", "multi-conv")
         for v in (1, 2)
     },
-    # the unconstrained DEQ trains with the pcDEQ recipe unchanged: only the cell differs
+    # the backbones by name (any cell; the pcDEQ cell by default) and the unconstrained
+    # DEQ train with the pcDEQ recipe unchanged: only the cell differs
+    **{arch: _PCDEQ for arch in ("linear", "single-conv", "multi-conv")},
     **{f"deq-{arch}": _PCDEQ for arch in ("linear", "single-conv", "multi-conv")},
     "mondeq-fc": {"default": _MONDEQ},
     "mondeq-single-conv": {

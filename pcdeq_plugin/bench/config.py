@@ -18,6 +18,7 @@ from pcdeq_plugin.checks import (
     is_count,
     is_finite_number,
 )
+from pcdeq_plugin.recipes import HARNESS_KEYS, OPTIMIZERS
 
 __all__ = [
     "AMP_MODES",
@@ -31,18 +32,10 @@ __all__ = [
 
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda", "mps")
 AMP_MODES: tuple[str, ...] = ("off", "bf16", "fp16")
-OPTIMIZERS: tuple[str, ...] = ("adamw", "adam", "sgd")
 
-# Keys of ``ModelSpec.training`` the harness applies (others are shown, not applied).
-TRAINING_KEYS: tuple[str, ...] = (
-    "lr",
-    "weight_decay",
-    "batch_size",
-    "epochs",
-    "milestone",
-    "gamma",
-    "optimizer",
-)
+# The keys of a ``ModelSpec.training`` recipe the harness applies (its notes are shown only);
+# the optimizer choices and these keys have their one home with the recipes.
+TRAINING_KEYS: tuple[str, ...] = HARNESS_KEYS
 
 # Epochs of each run of `compare` by default. Three: enough for the per-epoch curves to
 # show a trend and for the accuracies to separate the models, while the default job
