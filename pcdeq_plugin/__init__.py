@@ -32,6 +32,7 @@ from .interface import (
     SolveStats,
 )
 from .plugins import PluginError, PluginWarning, add_plugin, load_plugins, plugin_report
+from .recipes import RecipeOverride, TrainingRecipe
 from .specs import (
     ActivationSpec,
     CellSpec,
@@ -76,9 +77,11 @@ __all__ = [
     "ModelSpec",
     "PluginError",
     "PluginWarning",
+    "RecipeOverride",
     "SolveStats",
     "SolverConfig",
     "SolverSpec",
+    "TrainingRecipe",
     "UnknownNameError",
     "__version__",
     "add_plugin",
