@@ -155,3 +155,23 @@ def test_imports_run_one_way(packages: list[str]) -> None:
     assert len(graph) > 10  # the packages were found
     cycle = find_cycle(graph)
     assert cycle is None, "import circle: " + " -> ".join(cycle or [])
+
+
+# module -> the only package modules it may import (the bottom layers of the library)
+LAYERS: dict[str, set[str]] = {
+    "pcdeq_plugin.checks": set(),
+    "pcdeq_plugin.recipes": {"pcdeq_plugin.checks"},
+    "pcdeq_plugin.specs": {"pcdeq_plugin.checks", "pcdeq_plugin.recipes"},
+    "pcdeq_plugin.spec_registry": {"pcdeq_plugin.specs"},
+    "pcdeq_plugin.hookspecs": set(),
+    "pcdeq_plugin.activation_checks": {"pcdeq_plugin.specs"},
+    # the plugin manager is handed its registries; it imports none of them
+    "pcdeq_plugin.plugins": {"pcdeq_plugin.hookspecs", "pcdeq_plugin.spec_registry"},
+}
+
+
+@pytest.mark.parametrize("module", sorted(LAYERS))
+def test_the_bottom_layers_import_only_what_is_below_them(module: str) -> None:
+    graph = import_graph({"pcdeq_plugin": PACKAGES["pcdeq_plugin"]})
+    extra = sorted(graph[module] - LAYERS[module])
+    assert not extra, f"{module} imports {extra}; it may import only {sorted(LAYERS[module])}"
