@@ -14,7 +14,7 @@ from typing import Any
 
 _LAZY = {
     "run": "train",
-    "resolve_config": "train",
+    "resolve_config": "resolve",
     "compare": "compare",
     "write_report": "report",
     "evaluate_checkpoint": "evaluate",

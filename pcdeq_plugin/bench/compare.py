@@ -23,15 +23,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pcdeq_plugin.checks import check_count
 from pcdeq_plugin.registry import MODELS
 
-from .config import COMPARE_EPOCHS, RESUMABLE_OVERRIDES, ConfigError, TrainConfig
-from .datasets import SPLITS, dataset_info, ensure_registered, load_dataset
-from .metrics import write_json
-from .report import PLAN, write_report
-from .rundir import LOCK_NAME
+from .config import COMPARE_EPOCHS, ConfigError, TrainConfig
+from .datasets import SPLITS, dataset_info, load_dataset
+from .plan import PLAN_NAME, check_reference, check_same_experiment, plan_run, read_plan, write_plan
+from .report import write_report
+from .resolve import load_plugins_from_config
 from .runtime import RunInterrupted
-from .train import load_plugins_from_config
 from .workers import Worker, run_one, run_workers
 
 __all__ = ["DEFAULT_EPOCHS", "DEFAULT_MODELS", "DEFAULT_SEEDS", "compare"]
@@ -96,66 +96,6 @@ def _check_preset(preset: str | None, models: list[str], info: dict[str, Any]) -
     )
 
 
-def _earlier_plan(out: Path) -> dict[str, Any]:
-    """The plan of the comparison already in ``out`` (``{}`` when there is none)."""
-    path = out / PLAN
-    if not path.is_file():
-        return {}
-    try:
-        plan = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(
-            f"cannot resume: {path} is unreadable ({exc}); restore it or choose another --out"
-        ) from exc
-    if not isinstance(plan, dict):
-        raise ConfigError(f"cannot resume: {path} is not a pcdeq-bench compare plan")
-    return plan
-
-
-def _check_same_experiment(
-    out: Path,
-    earlier: dict[str, Any],
-    dataset: str,
-    preset: str | None,
-    epochs: int,
-    train_options: dict[str, Any],
-) -> None:
-    """``--resume`` continues the same experiment: it may add models or seeds, extend the
-    epochs and change where/how runs execute, but not what a run is."""
-
-    def experiment(options: dict[str, Any]) -> dict[str, Any]:
-        kept = {k: v for k, v in options.items() if k not in RESUMABLE_OVERRIDES}
-        return json.loads(json.dumps(kept, default=str))  # tuples and lists compare equal
-
-    changes = [
-        f"{key}: {before!r} there, {now!r} given"
-        for key, before, now in (
-            ("dataset", earlier.get("dataset"), dataset),
-            ("preset", earlier.get("preset"), preset),
-        )
-        if before != now
-    ]
-    before, now = experiment(earlier.get("train_options") or {}), experiment(train_options)
-
-    def shown(options: dict[str, Any], key: str) -> str:
-        return repr(options[key]) if key in options else "default"
-
-    changes += [
-        f"{key}: {shown(before, key)} there, {shown(now, key)} given"
-        for key in sorted(set(before) | set(now))
-        if before.get(key) != now.get(key)
-    ]
-    if int(earlier.get("epochs") or 0) > epochs:
-        changes.append(f"epochs: {earlier['epochs']} there, {epochs} given (runs can only grow)")
-    if changes:
-        raise ConfigError(
-            f"cannot resume {out}: it holds another experiment ({'; '.join(changes)}). "
-            "--resume may add models or seeds, extend --epochs, or change "
-            f"{', '.join(sorted(RESUMABLE_OVERRIDES - {'out_dir', 'resume'}))}; "
-            "choose another --out for a new experiment (nothing was changed)"
-        )
-
-
 def compare(
     models: list[str] | None = None,
     seeds: list[int] | None = None,
@@ -203,9 +143,8 @@ def compare(
         UnknownNameError: unknown dataset.
         DatasetNotFoundError: the dataset is not on disk and ``download`` is not set.
     """
-    ensure_registered()
     out = Path(out_dir)
-    earlier = _earlier_plan(out) if resume else {}
+    earlier = read_plan(out) if resume else {}
     # resuming without naming models or seeds continues the comparison that is there
     models = list(models if models is not None else earlier.get("models", DEFAULT_MODELS))
     seeds = list(seeds if seeds is not None else earlier.get("seeds", DEFAULT_SEEDS))
@@ -219,16 +158,11 @@ def compare(
         repeated = sorted({str(v) for v in values if values.count(v) > 1})
         if repeated:
             raise ConfigError(f"{what}(s) {', '.join(repeated)} listed twice")
-    if not isinstance(epochs, int) or epochs < 1:
-        raise ConfigError(f"epochs must be an integer >= 1, got {epochs!r}")
-    if not isinstance(jobs, int) or jobs < 1:
-        raise ConfigError(f"jobs must be an integer >= 1, got {jobs!r}")
+    check_count("epochs", epochs, error=ConfigError)
+    check_count("jobs", jobs, error=ConfigError)
     if jobs > 1 and not isolate:
         raise ConfigError("jobs > 1 runs models in parallel worker processes; drop --in-process")
-    if reference is not None and reference not in models:
-        raise ConfigError(
-            f"reference model {reference!r} is not compared; choose one of {', '.join(models)}"
-        )
+    check_reference(reference, models)
     forbidden = {
         "model", "seed", "out_dir", "resume", "overwrite", "preset", "epochs", "dataset"
     } & set(train_options)  # fmt: skip
@@ -249,7 +183,7 @@ def compare(
     _check_preset(preset, models, info)
     say = log or (lambda *_: None)
     if earlier:
-        _check_same_experiment(out, earlier, dataset, preset, epochs, train_options)
+        check_same_experiment(out, earlier, dataset, preset, epochs, train_options)
 
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -259,7 +193,7 @@ def compare(
         raise ConfigError(
             f"output directory {out} is not writable ({exc}); choose another --out"
         ) from exc
-    if not resume and ((out / PLAN).exists() or (out / "runs").exists()):
+    if not resume and ((out / PLAN_NAME).exists() or (out / "runs").exists()):
         raise ConfigError(
             f"{out} already holds a comparison; pass --resume to reuse/continue it or choose "
             "another --out directory (nothing was overwritten)"
@@ -278,7 +212,7 @@ def compare(
         "failures": {},
         "not_started": {},
     }
-    write_json(out / PLAN, plan)
+    write_plan(out, plan)
     started = time.perf_counter()
     tasks: list[tuple[str, Path, list[dict[str, Any]]]] = []
     for model in models:
@@ -288,7 +222,7 @@ def compare(
         pending = [
             config
             for seed in seeds
-            if (config := _plan_run(out, model, seed, info[model], epochs, resume, say)) is not None
+            if (config := plan_run(out, model, seed, info[model], epochs, resume, say)) is not None
         ]
         if pending:
             tasks.append((model, out / "runs" / model, pending))
@@ -324,7 +258,7 @@ def compare(
                 "ok" if status == "ok" else f"{status.upper()} ({str(error).splitlines()[0][:200]})"
             )
             say(f"[compare] {model} seed {seed}: {shown}")
-        write_json(out / PLAN, plan)
+        write_plan(out, plan)
 
     for _model, _, pending in tasks:
         for config in pending:
@@ -363,47 +297,15 @@ def compare(
     except KeyboardInterrupt:
         # the table of what finished so far; --resume completes (and re-renders) it
         plan["interrupted"] = True
-        write_json(out / PLAN, plan)
+        write_plan(out, plan)
         with contextlib.suppress(Exception):
             write_report(out, plots=False)
         raise
     plan["wall_seconds"] = time.perf_counter() - started
-    write_json(out / PLAN, plan)
+    write_plan(out, plan)
     report = write_report(out, plots=plots)
     say(
         f"[compare] wrote {out / 'compare.md'} and {out / 'compare.json'} in "
         f"{plan['wall_seconds']:.0f}s"
     )
     return report
-
-
-def _plan_run(
-    out: Path, model: str, seed: int, info: dict[str, Any], epochs: int, resume: bool, say: Any
-) -> dict[str, Any] | None:
-    """The config of one (model, seed) run, or ``None`` when ``resume`` reuses a finished one."""
-    run_dir = out / "runs" / model / f"seed{seed}"
-    summary_path = run_dir / "summary.json"
-    if resume and summary_path.is_file():
-        try:
-            summary = json.loads(summary_path.read_text())
-            finished = summary.get("status") == "ok" and summary.get("epochs_completed") == epochs
-        except (OSError, json.JSONDecodeError, AttributeError):
-            finished = False  # an extended run (more --epochs) continues from its last.pt
-        if finished:
-            say(f"[compare] {model} seed {seed}: finished earlier, reused")
-            return None
-    attempted = run_dir.is_dir() and any(p.name != LOCK_NAME for p in run_dir.iterdir())
-    if resume and attempted and not (run_dir / "last.pt").is_file():
-        # a failed earlier attempt: keep it for inspection, start this seed afresh
-        stamp = int(time.time())
-        while run_dir.with_name(f"seed{seed}.failed-{stamp}").exists():
-            stamp += 1  # two retries within one second
-        run_dir.rename(run_dir.with_name(f"seed{seed}.failed-{stamp}"))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return {
-        "model": model,
-        "preset": info["preset"],
-        "seed": seed,
-        "out_dir": str(run_dir),
-        "resume": bool(resume and (run_dir / "last.pt").is_file()),
-    }

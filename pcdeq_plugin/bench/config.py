@@ -22,6 +22,7 @@ from pcdeq_plugin.recipes import HARNESS_KEYS, OPTIMIZERS
 
 __all__ = [
     "AMP_MODES",
+    "ATTACKS",
     "COMPARE_EPOCHS",
     "DEVICES",
     "RESUMABLE_OVERRIDES",
@@ -32,6 +33,8 @@ __all__ = [
 
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda", "mps")
 AMP_MODES: tuple[str, ...] = ("off", "bf16", "fp16")
+#: The attacks of ``eval --attack`` and ``compare --robustness`` (see robustness.py).
+ATTACKS: tuple[str, ...] = ("fgsm", "pgd-l2", "pgd-linf")
 
 # The keys of a ``ModelSpec.training`` recipe the harness applies (its notes are shown only);
 # the optimizer choices and these keys have their one home with the recipes.

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-from pcdeq_plugin import DatasetSpec, add_plugin, hookimpl
+from pcdeq_plugin import DatasetSpec, hookimpl
 from pcdeq_plugin.checks import check_choice
 from pcdeq_plugin.registry import DATASETS
 
@@ -41,7 +41,6 @@ __all__ = [
     "DatasetNotFoundError",
     "SPLITS",
     "SVHN_NORM",
-    "ensure_registered",
     "load_dataset",
     "load_mnist5k",
     "mnist5k_provenance",
@@ -267,13 +266,6 @@ def pcdeq_register_datasets() -> dict[str, DatasetSpec]:
     return {spec.name: spec for spec in specs}
 
 
-def ensure_registered() -> None:
-    """Add the harness's datasets to the registries (idempotent)."""
-    import sys
-
-    add_plugin(sys.modules[__name__], "pcdeq_plugin.bench.datasets")
-
-
 def _subset(dataset: Dataset, limit: int | None, seed: int) -> Dataset:
     """A fixed random subset, so a limit keeps every class (mnist5k is sorted by label)."""
     if limit is None or limit >= len(dataset):  # type: ignore[arg-type]
@@ -299,7 +291,6 @@ def load_dataset(
         UnknownNameError: no dataset called ``name`` (the message lists them).
         DatasetNotFoundError: the files are not on disk and ``download`` is false.
     """
-    ensure_registered()
     spec = DATASETS.get(name)
     dataset = spec.factory(split, data_dir=data_dir, download=download, augment=augment)
     return _subset(dataset, limit, subset_seed)
@@ -307,5 +298,4 @@ def load_dataset(
 
 def dataset_info(name: str) -> DatasetSpec:
     """The registered spec (input shape, class count) of dataset ``name``."""
-    ensure_registered()
     return DATASETS.get(name)

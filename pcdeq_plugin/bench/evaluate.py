@@ -18,7 +18,7 @@ from pcdeq_plugin.registry import MODELS
 
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import ConfigError
-from .datasets import dataset_info, ensure_registered, load_dataset
+from .datasets import dataset_info, load_dataset
 from .metrics import EpochMeter, solve_summary
 from .resolve import checkpoint_plugins_note, load_plugins_from_config
 from .runtime import DistContext, autocast, select_device
@@ -114,7 +114,6 @@ def evaluate_checkpoint(
     config = dict(state["config"])
     # only the plugins given here are imported: a checkpoint never causes code to run
     load_plugins_from_config(list(plugins or []))
-    ensure_registered()
     note = checkpoint_plugins_note(list(config.get("plugins") or []), Path(path))
     try:
         MODELS.get(config["model"])

@@ -31,8 +31,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pcdeq_plugin.checks import check_choice
+
+from .config import ATTACKS
+
 __all__ = [
-    "ATTACKS",
     "PixelSpace",
     "attack",
     "check_attack",
@@ -42,16 +45,13 @@ __all__ = [
     "robustness_metrics",
 ]
 
-ATTACKS: tuple[str, ...] = ("fgsm", "pgd-l2", "pgd-linf")
 #: The attack's norm, for the certified radius.
 _NORM = {"fgsm": "linf", "pgd-linf": "linf", "pgd-l2": "l2"}
 
 
 def check_attack(name: Any) -> str:
     """``name`` if it is a known attack; else ``ValueError`` listing the valid ones."""
-    if name not in ATTACKS:
-        raise ValueError(f"unknown attack {name!r}; available: {', '.join(ATTACKS)}")
-    return name
+    return check_choice("attack", name, ATTACKS)
 
 
 def check_eps(values: Iterable[Any]) -> list[float]:

@@ -22,7 +22,7 @@ from pcdeq_plugin.registry import MODELS
 
 from .checkpoint import CheckpointError, save_checkpoint
 from .config import ConfigError, TrainConfig
-from .datasets import dataset_info, ensure_registered, load_dataset
+from .datasets import dataset_info, load_dataset
 from .evaluate import evaluate, model_solve_summary, progress_disabled, reset_solver_stats
 from .guards import (
     check_batchnorm_batch,
@@ -33,7 +33,7 @@ from .guards import (
 )
 from .loaders import test_loader, train_loader
 from .metrics import EpochMeter, run_summary, write_history, write_json
-from .resolve import load_plugins_from_config, resolve_config, training_recipe
+from .resolve import resolve_config
 from .rundir import RunDirectory
 from .runtime import (
     DistContext,
@@ -52,7 +52,7 @@ from .runtime import (
     set_rng_state,
 )
 
-__all__ = ["evaluate", "load_plugins_from_config", "resolve_config", "run", "training_recipe"]
+__all__ = ["run"]
 
 BatchCallback = Callable[[int, int], None]
 EpochCallback = Callable[[dict[str, Any]], None]
@@ -90,7 +90,6 @@ def run(
     A NaN or infinite training loss stops the run with status ``"diverged"`` (returned, not
     raised): the last good checkpoint is kept and ``error`` names the epoch and step.
     """
-    ensure_registered()
     cfg, checkpoint = resolve_config(config)
     ctx = init_distributed(cfg.device)
     try:

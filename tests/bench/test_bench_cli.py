@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from pcdeq_plugin.bench.cli import build_parser, main
+from pcdeq_plugin.bench.cli import main
+from pcdeq_plugin.bench.parser import build_parser
 
 
 def test_list_shows_every_registry_and_the_plugins(tiny_plugin: str, capsys) -> None:
@@ -18,7 +19,8 @@ def test_list_shows_every_registry_and_the_plugins(tiny_plugin: str, capsys) -> 
         assert section in text
     assert "bench-tiny-deq [tiny; presets: small]" in text
     assert "mnist5k [1x28x28, 10 classes]" in text and "cifar10-aug" in text
-    assert "pcdeq_plugin.bench.datasets: loaded" in text
+    # the harness's datasets come through the entry-point door, like the baselines
+    assert "pcdeq_bench_datasets (pcdeq-plugin): loaded [entry point]" in text
     assert main(["list", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert {"models", "activations", "solvers", "datasets", "plugins"} <= set(data)
@@ -83,7 +85,7 @@ def test_train_from_a_json_config_file(tiny_plugin: str, tmp_path: Path, capsys)
             "has a preset 'bogus'; their presets: mnist, small",
         ),
         (["compare", "--dataset", "nope", "--out", "{tmp}/c"], "unknown dataset 'nope'"),
-        (["compare", "--reference", "node-x", "--out", "{tmp}/c"], "choose one of pcdeq-linear-1"),
+        (["compare", "--reference", "node-x", "--out", "{tmp}/c"], "available: pcdeq-linear-1"),
         (["compare", "--jobs", "2", "--in-process", "--out", "{tmp}/c"], "drop --in-process"),
         (["report", "{tmp}/absent"], "does not exist"),
     ],

@@ -13,13 +13,8 @@ from pcdeq_plugin import UnknownNameError
 from pcdeq_plugin.bench import compare, write_report
 from pcdeq_plugin.bench.config import ConfigError
 from pcdeq_plugin.bench.datasets import DatasetNotFoundError
-from pcdeq_plugin.bench.report import (
-    add_ratios,
-    aggregate,
-    pick_reference,
-    render_markdown,
-    write_plots,
-)
+from pcdeq_plugin.bench.plots import write_plots
+from pcdeq_plugin.bench.table import add_ratios, aggregate, pick_reference, render_markdown
 
 SMALL = {"train_limit": 64, "test_limit": 32, "batch_size": 32, "device": "cpu"}
 
@@ -148,7 +143,7 @@ def test_median_seconds_and_ratios_to_a_reference() -> None:
     assert deq["seconds_per_epoch_median"] == 2.0 and deq["seconds_per_epoch"] > 9
     # the default reference is the first pcDEQ model, not the first row
     assert pick_reference(rows) == "pc" and pick_reference(rows, "deq") == "deq"
-    with pytest.raises(ValueError, match="'nope' is not in this comparison; choose one of deq, pc"):
+    with pytest.raises(ValueError, match="'nope' is not in this comparison; available: deq, pc"):
         pick_reference(rows, "nope")
     add_ratios(rows, "pc")
     assert deq["time_ratio"] == 2.0 and deq["fwd_ratio"] == 3.0
@@ -205,7 +200,11 @@ def test_plots_with_one_epoch_and_with_several(tmp_path: Path) -> None:
         ({"preset": "bogus"}, ConfigError, "has a preset 'bogus'; their presets: small"),
         ({"jobs": 2, "isolate": False}, ConfigError, "drop --in-process"),
         ({"jobs": 0}, ConfigError, "jobs must be an integer >= 1"),
-        ({"reference": "x"}, ConfigError, "'x' is not compared; choose one of bench-tiny-deq"),
+        (
+            {"reference": "x"},
+            ConfigError,
+            "'x' is not in this comparison; available: bench-tiny-deq",
+        ),
         ({"seeds": [0, 0]}, ConfigError, "seed(s) 0 listed twice"),
         ({"epochs": 0}, ConfigError, "epochs must be an integer >= 1"),
         ({"dataset": "svhn", "data_dir": "{tmp}"}, DatasetNotFoundError, "pass --download"),

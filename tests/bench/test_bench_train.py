@@ -13,8 +13,8 @@ from pcdeq_plugin.bench import run
 from pcdeq_plugin.bench.checkpoint import CheckpointError, load_checkpoint
 from pcdeq_plugin.bench.config import ConfigError, TrainConfig
 from pcdeq_plugin.bench.datasets import DatasetNotFoundError
+from pcdeq_plugin.bench.resolve import resolve_config, training_recipe
 from pcdeq_plugin.bench.runtime import select_device
-from pcdeq_plugin.bench.train import resolve_config, training_recipe
 
 
 def _snapshot(directory: Path) -> dict[str, bytes]:

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from pcdeq_plugin import build_model
 from pcdeq_plugin.bench.cli import main
-from pcdeq_plugin.bench.datasets import ensure_registered, load_dataset
+from pcdeq_plugin.bench.datasets import load_dataset
 from pcdeq_plugin.bench.robustness import (
     PixelSpace,
     attack,
@@ -28,7 +28,6 @@ from pcdeq_plugin.bench.robustness import (
 @pytest.fixture(scope="module")
 def trained_lben() -> nn.Module:
     """lben-fc (small preset, gamma 5) trained for two epochs on 512 mnist5k digits."""
-    ensure_registered()
     torch.manual_seed(0)
     model = build_model("lben-fc", (1, 28, 28), 10, preset="small", on_failure="ignore")
     data = DataLoader(load_dataset("mnist5k", "train", limit=512), batch_size=64, shuffle=True)
@@ -45,7 +44,6 @@ def trained_lben() -> nn.Module:
 
 @pytest.fixture(scope="module")
 def test_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
-    ensure_registered()
     return list(DataLoader(load_dataset("mnist5k", "test", limit=120), batch_size=60))
 
 
