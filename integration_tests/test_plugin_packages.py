@@ -157,3 +157,60 @@ def test_blocking_the_bad_plugin_silences_it(installed) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+CELL_PROBE = """
+    import json
+    import torch
+    import pcdeq_plugin
+
+    out = {"cells": pcdeq_plugin.list_cells(),
+           "provider": pcdeq_plugin.catalog.CELLS.provider("pcdeq-sqrt1pm1"), "runs": {}}
+    for arch, sizes in (("linear", {"width": 6}), ("single-conv", {"width": 4}),
+                        ("multi-conv", {"widths": (3, 4, 5)})):
+        torch.manual_seed(0)
+        model = pcdeq_plugin.build_model(arch, (1, 12, 12), 10, cell="pcdeq-sqrt1pm1", **sizes)
+        loss = torch.nn.functional.cross_entropy(
+            model(torch.rand(3, 1, 12, 12)), torch.tensor([0, 1, 2])
+        )
+        loss.backward()
+        kernels = [b.kernel_size for b in model.implicit_blocks() if hasattr(b, "kernel_size")]
+        out["runs"][arch] = {
+            "stats": [[s.forward.iterations, s.forward.all_converged, s.backward is not None]
+                      for s in model.solver_stats()],
+            "grads": all(p.grad is not None for p in model.parameters() if p.requires_grad),
+            "kernels": kernels,
+            "activation": model.implicit_blocks()[0].activation.name,
+        }
+    print(json.dumps(out))
+"""
+
+
+def test_a_plugin_cell_gets_every_backbone_and_the_harness(installed, tmp_path) -> None:
+    result = _run(CELL_PROBE)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert {"pcdeq-1", "pcdeq-2", "deq", "pcdeq-sqrt1pm1"} <= set(out["cells"])
+    assert out["provider"] == "pcdeq_good_activation"
+    for arch, run in out["runs"].items():
+        assert len(run["stats"]) == (3 if arch == "multi-conv" else 1)
+        assert all(
+            iters >= 1 and converged and backward for iters, converged, backward in run["stats"]
+        )
+        assert run["grads"] and run["activation"] == "sqrt1pm1"
+        assert run["kernels"] == ([] if arch == "linear" else [5] * len(run["stats"]))
+
+    # the harness: the plugin's cell on a backbone is trained like any registered model
+    bench = Path(sys.executable).with_name("pcdeq-bench")
+    run_dir = tmp_path / "cell_run"
+    trained = subprocess.run(
+        [str(bench), "train", "--model", "single-conv", "--model-option", "cell=pcdeq-sqrt1pm1",
+         "--model-option", "width=4", "--epochs", "1", "--train-limit", "64", "--test-limit",
+         "32", "--batch-size", "32", "--out", str(run_dir), "--no-progress"],
+        capture_output=True, text=True, timeout=300,
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("PCDEQ_")},
+             "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert trained.returncode == 0, trained.stderr
+    assert json.loads(trained.stdout)["status"] == "ok"
+    assert (run_dir / "metrics.csv").is_file() and (run_dir / "last.pt").is_file()

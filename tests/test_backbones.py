@@ -75,3 +75,45 @@ PCDEQ_TOP_LEVEL = {
 def test_pcdeq_state_dict_names_are_unchanged(arch):
     model = build_model(f"pcdeq-{arch}-1", (1, 28, 28), 10, **ARCHS[arch][0])
     assert {key.split(".")[0] for key in model.state_dict()} == PCDEQ_TOP_LEVEL[arch]
+
+
+# the deq-* module names before the shared backbones, as the old classes wrote them
+OLD_DEQ_MODULES = {
+    "linear": ["embed", "bn_in", "deq.layer", "bn_out", "head"],
+    "single-conv": ["embed", "bn_in", "deq.layer", "bn_out", "head"],
+    "multi-conv": [
+        "stage1.0",
+        "stage1.1",
+        "deq1.layer",
+        "stage2.1",
+        "stage2.2",
+        "stage2.3",
+        "deq2.layer",
+        "stage3.1",
+        "stage3.2",
+        "stage3.3",
+        "deq3.layer",
+        "tail.1",
+        "head",
+    ],
+}
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_deq_checkpoints_with_the_old_module_names_still_load(arch):
+    sizes = ARCHS[arch][0]
+    torch.manual_seed(0)
+    source = build_model(f"deq-{arch}", (1, 28, 28), 10, **sizes)
+    # the old state dict: the same tensors in the same order under the old module names
+    new_keys = list(source.state_dict())
+    modules = list(dict.fromkeys(k.rsplit(".", 1)[0] for k in new_keys))
+    renamed = dict(zip(modules, OLD_DEQ_MODULES[arch], strict=True))
+    old_state = {
+        f"{renamed[k.rsplit('.', 1)[0]]}.{k.rsplit('.', 1)[1]}": v.clone() + 1.0
+        for k, v in source.state_dict().items()
+    }
+    torch.manual_seed(1)
+    target = build_model(f"deq-{arch}", (1, 28, 28), 10, **sizes)
+    target.load_state_dict(old_state)  # strict: every old key found a home
+    for key, value in zip(new_keys, old_state.values(), strict=True):
+        assert torch.equal(target.state_dict()[key], value)

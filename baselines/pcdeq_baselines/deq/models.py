@@ -72,11 +72,58 @@ def deq_cell(
     return UnconstrainedDEQBlock(layer, name=name, **block_options)
 
 
+#: module names of the deq-* models before they shared the pcDEQ backbones (old -> new), so
+#: their checkpoints still load
+OLD_MODULE_NAMES: dict[str, dict[str, str]] = {
+    "deq-linear": {
+        "embed": "linear1",
+        "bn_in": "bn1",
+        "deq": "block",
+        "bn_out": "bn2",
+        "head": "classifier",
+    },
+    "deq-single-conv": {
+        "embed": "conv1",
+        "bn_in": "bn1",
+        "deq": "block",
+        "bn_out": "bn2",
+        "head": "classifier",
+    },
+    "deq-multi-conv": {
+        "stage1.0": "conv1",
+        "stage1.1": "bn1",
+        "deq1": "block1",
+        "stage2.1": "bn2",
+        "stage2.2": "downsample1",
+        "stage2.3": "bn3",
+        "deq2": "block2",
+        "stage3.1": "bn4",
+        "stage3.2": "downsample2",
+        "stage3.3": "bn5",
+        "deq3": "block3",
+        "tail.1": "bn6",
+        "head": "classifier",
+    },
+}
+
+
+def _rename_old_keys(module: _DEQEntry, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+    # a load_state_dict pre-hook: rewrites old names in place before the modules read them
+    for old, new in OLD_MODULE_NAMES[module.model_name].items():
+        old_prefix = f"{prefix}{old}."
+        for key in [k for k in state_dict if k.startswith(old_prefix)]:
+            state_dict[f"{prefix}{new}.{key[len(old_prefix) :]}"] = state_dict.pop(key)
+
+
 class _DEQEntry:
-    """The unconstrained models' input check (their own wording, the baselines' helper)."""
+    """The unconstrained models' input check (their own wording, the baselines' helper) and
+    the loading of checkpoints written under their old module names."""
 
     input_shape: tuple[int, ...]
     model_name: str
+
+    def _accept_old_names(self) -> None:
+        self._register_load_state_dict_pre_hook(_rename_old_keys, with_module=True)  # type: ignore[attr-defined]
 
     def check_input(self, x: torch.Tensor) -> None:
         check_input_shape(x, self.input_shape, self.model_name)
@@ -112,6 +159,7 @@ class UnconstrainedDEQLinear(_DEQEntry, LinearBackbone):
         (width,) = check_counts("width", width, 1)
         cell = partial(deq_cell, **block_options)
         super().__init__(tuple(input_shape), num_classes, width, cell)
+        self._accept_old_names()
 
 
 class UnconstrainedDEQSingleConv(_DEQEntry, SingleConvBackbone):
@@ -141,6 +189,7 @@ class UnconstrainedDEQSingleConv(_DEQEntry, SingleConvBackbone):
         (width,) = check_counts("width", width, 1)
         cell = partial(deq_cell, **block_options)
         super().__init__(tuple(input_shape), num_classes, width, cell, memory_format)
+        self._accept_old_names()
 
 
 class UnconstrainedDEQMultiConv(_DEQEntry, MultiConvBackbone):
@@ -170,6 +219,7 @@ class UnconstrainedDEQMultiConv(_DEQEntry, MultiConvBackbone):
         widths = check_counts("widths", widths, 3)
         cell = partial(deq_cell, **block_options)
         super().__init__(tuple(input_shape), num_classes, widths, cell, memory_format)
+        self._accept_old_names()
 
 
 def _factory(cls: type[ImplicitModel], model: str, size_key: str) -> Callable[..., ImplicitModel]:

@@ -1,1 +1,1 @@
-"""Example pcdeq plugin adding one concave activation (see ``hooks.py``)."""
+"""Example pcdeq plugin adding one concave activation and a cell using it (see ``hooks.py``)."""
