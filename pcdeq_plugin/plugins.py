@@ -4,19 +4,11 @@
 * Entry points of the group ``pcdeq`` are discovered on the first registry lookup, never at
   import. Each plugin is loaded in isolation: one that fails to import or to register is
   reported with its name, its distribution and the error, and the others still load.
-* Switches (read when loading):
-
-  ``PCDEQ_DISABLE_PLUGIN_AUTOLOAD=1``
-      load no entry-point plugin except those named in ``PCDEQ_PLUGINS``;
-  ``PCDEQ_PLUGINS=a,b``
-      an allowlist: when set, only these entry-point plugins load (with or without
-      autoload; a name no installed distribution provides is reported);
-  ``PCDEQ_BLOCK_PLUGINS=a,b``
-      entry-point plugins never to load;
-  ``PCDEQ_STRICT_PLUGINS=1``
-      any plugin error raises :class:`PluginError` instead of a :class:`PluginWarning`
-      (including a hook implementation whose name matches no hook specification, e.g. a
-      misspelt ``pcdeq_register_activation``).
+* Switches (``PCDEQ_DISABLE_PLUGIN_AUTOLOAD``, ``PCDEQ_PLUGINS``, ``PCDEQ_BLOCK_PLUGINS``,
+  ``PCDEQ_STRICT_PLUGINS``) are read when loading; :mod:`pcdeq_plugin.plugin_switches`
+  says what each does and decides which entry points load.
+* The manager imports no registry: the wiring module (:mod:`pcdeq_plugin.catalog`) hands
+  it one registry per registration hook (:func:`connect_registries`).
 
 A built-in module that fails is a bug of this package, not a plugin problem: it always
 raises :class:`PluginError`. A load that raises leaves nothing half-registered behind, so
@@ -25,7 +17,6 @@ the next registry lookup tries again from a clean state.
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import os
 import threading
@@ -38,6 +29,8 @@ from typing import Any
 import pluggy
 
 from . import hookspecs
+from .plugin_hooks import merge_registrations, unknown_hooks
+from .plugin_switches import select_entry_points, strict_from_env
 from .spec_registry import Registry
 
 __all__ = [
@@ -54,10 +47,6 @@ __all__ = [
 ]
 
 ENTRY_POINT_GROUP = "pcdeq"
-ENV_DISABLE_AUTOLOAD = "PCDEQ_DISABLE_PLUGIN_AUTOLOAD"
-ENV_ALLOW = "PCDEQ_PLUGINS"
-ENV_BLOCK = "PCDEQ_BLOCK_PLUGINS"
-ENV_STRICT = "PCDEQ_STRICT_PLUGINS"
 
 BUILTIN_MODULES: tuple[str, ...] = (
     "pcdeq_plugin.activations",
@@ -104,16 +93,8 @@ class _State:
 _state = _State()
 
 
-def _truthy(value: str | None) -> bool:
-    return (value or "").strip().lower() in {"1", "true", "yes", "on"}
-
-
-def _name_list(value: str | None) -> set[str]:
-    return {part.strip() for part in (value or "").split(",") if part.strip()}
-
-
 def _strict(strict: bool | None) -> bool:
-    return _truthy(os.environ.get(ENV_STRICT)) if strict is None else strict
+    return strict_from_env(strict, os.environ)
 
 
 def connect_registries(targets: Mapping[str, Registry[Any]]) -> None:
@@ -157,42 +138,22 @@ def _report_problem(record: PluginRecord, message: str, strict: bool) -> None:
 
 def _merge(plugin: object, record: PluginRecord, strict: bool) -> None:
     """Call the registration hooks of one plugin and add what they return."""
-    manager = get_plugin_manager()
-    for hook_name, registry in _HOOK_TARGETS.items():
-        impls = [
-            impl
-            for impl in getattr(manager.hook, hook_name).get_hookimpls()
-            if impl.plugin is plugin
-        ]
-        for impl in impls:
-            try:
-                offered = impl.function()
-            except Exception as exc:  # a plugin's own bug must not stop the others
-                record.status = "failed"
-                _report_problem(record, f"{hook_name}() raised {type(exc).__name__}: {exc}", strict)
-                continue
-            if offered is None:
-                continue
-            if not isinstance(offered, dict):
-                record.status = "failed"
-                _report_problem(
-                    record,
-                    f"{hook_name}() must return a dict {{name: spec}}, got {type(offered).__name__}",
-                    strict,
-                )
-                continue
-            for name, spec in offered.items():
-                try:
-                    registry.register(name, spec, provider=record.name)
-                except Exception as exc:
-                    record.status = "failed"
-                    text = str(exc)
-                    prefix = f"{registry.kind} {name!r} refused"
-                    # activation checks already start with "activation 'x' refused: ..."
-                    message = text if text.startswith(prefix) else f"{prefix}: {text}"
-                    _report_problem(record, message, strict)
-                else:
-                    record.provides.setdefault(registry.kind, []).append(name)
+
+    def problem(message: str) -> None:
+        record.status = "failed"
+        _report_problem(record, message, strict)
+
+    def registered(kind: str, name: str) -> None:
+        record.provides.setdefault(kind, []).append(name)
+
+    merge_registrations(
+        get_plugin_manager(),
+        plugin,
+        _HOOK_TARGETS,
+        record.name,
+        problem=problem,
+        registered=registered,
+    )
 
 
 def _register(plugin: object, record: PluginRecord, strict: bool) -> None:
@@ -208,33 +169,15 @@ def _register(plugin: object, record: PluginRecord, strict: bool) -> None:
 
 
 def _check_pending(strict: bool) -> None:
-    """Report hook implementations that match no specification (usually a misspelt name).
-
-    Like ``PluginManager.check_pending()`` but reports every offender once, with the
-    closest valid hook name, instead of raising on the first one.
-    """
-    manager = get_plugin_manager()
-    for hook_name, caller in sorted(vars(manager.hook).items()):
-        if hook_name.startswith("_") or caller.has_spec():
-            continue
-        for impl in caller.get_hookimpls():
-            key = (impl.plugin_name, hook_name)
-            if impl.optionalhook or key in _state.reported_pending:
-                continue
-            _state.reported_pending.add(key)
-            record = next((r for r in _state.records if r.name == impl.plugin_name), None)
-            if record is None:  # pragma: no cover - every registered plugin has a record
-                record = PluginRecord(impl.plugin_name, "added")
-                _state.records.append(record)
-            record.status = "failed"
-            close = difflib.get_close_matches(hook_name, list(_HOOK_TARGETS), n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            _report_problem(
-                record,
-                f"unknown hook {hook_name!r} (no such hook specification); {hint}"
-                f"the hooks are: {', '.join(_HOOK_TARGETS)}",
-                strict,
-            )
+    """Report hook implementations that match no specification (usually a misspelt name)."""
+    known = list(_HOOK_TARGETS)
+    for plugin_name, message in unknown_hooks(get_plugin_manager(), known, _state.reported_pending):
+        record = next((r for r in _state.records if r.name == plugin_name), None)
+        if record is None:  # pragma: no cover - every registered plugin has a record
+            record = PluginRecord(plugin_name, "added")
+            _state.records.append(record)
+        record.status = "failed"
+        _report_problem(record, message, strict)
 
 
 def _entry_points() -> Iterable[metadata.EntryPoint]:
@@ -242,50 +185,27 @@ def _entry_points() -> Iterable[metadata.EntryPoint]:
 
 
 def _load_entry_points(strict: bool) -> None:
-    disabled = _truthy(os.environ.get(ENV_DISABLE_AUTOLOAD))
-    allowed = _name_list(os.environ.get(ENV_ALLOW))
-    blocked = _name_list(os.environ.get(ENV_BLOCK))
-    seen: dict[str, str] = {}
-    entry_points = list(_entry_points())
-    missing = sorted(allowed - {ep.name for ep in entry_points})
-    if missing:
-        available = ", ".join(sorted({ep.name for ep in entry_points})) or "(none installed)"
-        record = PluginRecord(",".join(missing), "entry point", status="skipped")
+    selection = select_entry_points(_entry_points(), os.environ)
+    if selection.missing:
+        record = PluginRecord(",".join(selection.missing), "entry point", status="skipped")
         _state.records.append(record)
-        _report_problem(
-            record,
-            f"{ENV_ALLOW} names plugin(s) {', '.join(missing)} that no installed distribution "
-            f"provides; available entry points: {available}",
-            strict,
-        )
-    for ep in entry_points:
-        dist = getattr(getattr(ep, "dist", None), "name", "") or ""
-        record = PluginRecord(ep.name, "entry point", distribution=dist)
-        if ep.name in seen:
-            if seen[ep.name] == dist:  # the same distribution seen twice on sys.path
-                continue
-            record.status = "skipped"
+        _report_problem(record, selection.missing_reason, strict)
+    for choice in selection.choices:
+        record = PluginRecord(choice.name, "entry point", distribution=choice.distribution)
+        if choice.action != "load":
+            record.status = "skipped" if choice.action == "duplicate" else "blocked"
             _state.records.append(record)
-            _report_problem(
-                record,
-                f"entry-point name {ep.name!r} is also used by distribution {seen[ep.name]!r}; "
-                "only the first was loaded (use the distribution name as entry-point name)",
-                strict,
-            )
-            continue
-        seen[ep.name] = dist
-        # an allowlist, when given, is exclusive; without one, autoload decides
-        if ep.name in blocked or (ep.name not in allowed if allowed else disabled):
-            record.status = "blocked"
-            _state.records.append(record)
+            if choice.reason:
+                _report_problem(record, choice.reason, strict)
             continue
         try:
-            plugin = ep.load()
+            plugin = choice.entry_point.load()
         except Exception as exc:
             record.status = "failed"
             _state.records.append(record)
+            value = choice.entry_point.value
             _report_problem(
-                record, f"failed to import {ep.value!r}: {type(exc).__name__}: {exc}", strict
+                record, f"failed to import {value!r}: {type(exc).__name__}: {exc}", strict
             )
             continue
         _register(plugin, record, strict)

@@ -166,7 +166,14 @@ LAYERS: dict[str, set[str]] = {
     "pcdeq_plugin.hookspecs": set(),
     "pcdeq_plugin.activation_checks": {"pcdeq_plugin.specs"},
     # the plugin manager is handed its registries; it imports none of them
-    "pcdeq_plugin.plugins": {"pcdeq_plugin.hookspecs", "pcdeq_plugin.spec_registry"},
+    "pcdeq_plugin.plugin_switches": set(),
+    "pcdeq_plugin.plugin_hooks": {"pcdeq_plugin.spec_registry"},
+    "pcdeq_plugin.plugins": {
+        "pcdeq_plugin.hookspecs",
+        "pcdeq_plugin.plugin_hooks",
+        "pcdeq_plugin.plugin_switches",
+        "pcdeq_plugin.spec_registry",
+    },
 }
 
 
