@@ -134,6 +134,12 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         help="model factory override, repeatable; VALUE read as JSON when it parses "
         "(width=32, activation=softsign)",
     )
+    g.add_argument(
+        "--cell",
+        metavar="NAME",
+        help="registered cell on a backbone model (linear, single-conv, multi-conv), e.g. "
+        "--model single-conv --cell deq; the same as --model-option cell=NAME",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -274,6 +280,9 @@ def given(args: argparse.Namespace, keys: Sequence[str]) -> dict[str, Any]:
             out[key] = value
     if "model_options" in out:
         out["model_options"] = dict(out["model_options"])
+    cell = getattr(args, "cell", None)
+    if cell is not None and "model_options" in keys:  # --cell NAME is --model-option cell=NAME
+        out.setdefault("model_options", {})["cell"] = cell
     return out
 
 
