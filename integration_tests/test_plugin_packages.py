@@ -204,7 +204,7 @@ def test_a_plugin_cell_gets_every_backbone_and_the_harness(installed, tmp_path) 
     bench = Path(sys.executable).with_name("pcdeq-bench")
     run_dir = tmp_path / "cell_run"
     trained = subprocess.run(
-        [str(bench), "train", "--model", "single-conv", "--model-option", "cell=pcdeq-sqrt1pm1",
+        [str(bench), "train", "--model", "single-conv", "--cell", "pcdeq-sqrt1pm1",
          "--model-option", "width=4", "--epochs", "1", "--train-limit", "64", "--test-limit",
          "32", "--batch-size", "32", "--out", str(run_dir), "--no-progress"],
         capture_output=True, text=True, timeout=300,
@@ -214,3 +214,5 @@ def test_a_plugin_cell_gets_every_backbone_and_the_harness(installed, tmp_path) 
     assert trained.returncode == 0, trained.stderr
     assert json.loads(trained.stdout)["status"] == "ok"
     assert (run_dir / "metrics.csv").is_file() and (run_dir / "last.pt").is_file()
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["model_options"]["cell"] == "pcdeq-sqrt1pm1"
