@@ -3,7 +3,7 @@
 ``LinearBackbone``, ``SingleConvBackbone`` and ``MultiConvBackbone`` hold every layer of the
 official pcDEQ architectures (pcdeq.md section 2.2) except the equilibrium layers, which a
 :data:`CellBuilder` makes for the state shape each position needs. The pcDEQ networks
-(:mod:`.models`), the unconstrained DEQ baseline and any registered cell (:mod:`.cell_specs`)
+(:mod:`.models`), the unconstrained DEQ baseline and any registered cell (:mod:`.cell_models`)
 are these classes with different cells, so a head-to-head comparison differs only in the
 cell by construction.
 
