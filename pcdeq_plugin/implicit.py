@@ -110,9 +110,10 @@ def solve_implicit(
             them already (:func:`make_solvers`); saves the registry lookups per call.
 
     Returns:
-        ``z*`` (float32 if the input was half precision or autocast was on). When grad mode
-        is off or nothing ``f`` uses requires grad, no graph is built and ``f`` is
-        evaluated exactly the solve's number of times.
+        ``z*`` (float32 if the input was half precision or autocast was on). Under
+        ``torch.no_grad()`` no graph is built and ``f`` is evaluated exactly the solve's
+        number of times; with grad enabled it is evaluated once more, for the one
+        differentiable step (whose graph is dropped if nothing ``f`` uses requires grad).
 
     Raises:
         ConvergenceError: a solve failed and ``config.on_failure == "raise"``.
@@ -251,7 +252,7 @@ def _solve(
     if check_every is None and not getattr(solver, "predicts_checks", False):
         check_every = config.effective_check_every(z0.device)
     result = solver(f, z0, tol=tol, max_iter=max_iter - warm_iterations, check_every=check_every)
-    if warm is not None:
+    if warm_iterations:  # (a warm phase is skipped at max_iter = 1: nothing to record)
         result.stats = dataclasses.replace(
             result.stats,
             iterations=result.stats.iterations + warm_iterations,
