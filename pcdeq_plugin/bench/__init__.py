@@ -13,7 +13,7 @@ import importlib
 from typing import Any
 
 _LAZY = {
-    "run": "train",
+    "run": "session",
     "resolve_config": "resolve",
     "compare": "compare",
     "write_report": "report",

@@ -85,7 +85,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .train import run
+    from .session import run
 
     config: dict[str, Any] = {}
     if args.config is not None:

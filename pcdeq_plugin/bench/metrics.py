@@ -1,4 +1,7 @@
-"""Per-epoch accounting: loss/accuracy, solver statistics, and the JSONL/CSV files."""
+"""Per-epoch accounting: loss/accuracy, solver statistics, and the JSONL/CSV files.
+
+The files' columns are the fields of :class:`~pcdeq_plugin.bench.records.EpochRow`.
+"""
 
 from __future__ import annotations
 
@@ -16,31 +19,9 @@ import torch
 from pcdeq_plugin import BlockStats
 
 from .checkpoint import atomic_write_bytes
+from .records import EPOCH_COLUMNS
 
-__all__ = ["EpochMeter", "run_summary", "solve_summary", "write_history", "write_json"]
-
-# Column order of metrics.csv (JSONL lines carry the same keys).
-CSV_COLUMNS: tuple[str, ...] = (
-    "epoch",
-    "lr",
-    "train_loss",
-    "train_acc",
-    "test_loss",
-    "test_acc",
-    "fwd_iters",
-    "bwd_iters",
-    "test_fwd_iters",
-    "unit",
-    "max_residual",
-    "failed_solves",
-    "test_failed_solves",
-    "nonfinite_batches",
-    "train_seconds",
-    "test_seconds",
-    "epoch_seconds",
-    "peak_mem_mb",
-    "peak_mem_kind",
-)
+__all__ = ["EpochMeter", "solve_summary", "write_history", "write_json"]
 
 
 def solve_summary(stats: Sequence[BlockStats]) -> dict[str, Any]:
@@ -160,8 +141,8 @@ def write_history(out_dir: Path, history: list[dict[str, Any]]) -> None:
     )
     atomic_write_bytes(out_dir / "metrics.jsonl", lines.encode())
     buffer = io.StringIO()
-    extra = sorted({k for row in history for k in row} - set(CSV_COLUMNS))
-    writer = csv.DictWriter(buffer, fieldnames=[*CSV_COLUMNS, *extra], extrasaction="ignore")
+    extra = sorted({k for row in history for k in row} - set(EPOCH_COLUMNS))
+    writer = csv.DictWriter(buffer, fieldnames=[*EPOCH_COLUMNS, *extra], extrasaction="ignore")
     writer.writeheader()
     for row in history:
         writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
@@ -171,42 +152,3 @@ def write_history(out_dir: Path, history: list[dict[str, Any]]) -> None:
 def write_json(path: Path, data: Any) -> None:
     """Atomic, pretty JSON."""
     atomic_write_bytes(path, (json.dumps(data, indent=2, default=str) + "\n").encode())
-
-
-def _mean(values: list[float | None]) -> float | None:
-    present = [v for v in values if v is not None]
-    return sum(present) / len(present) if present else None
-
-
-def run_summary(
-    identity: dict[str, Any],
-    history: list[dict[str, Any]],
-    best: dict[str, Any],
-    status: str,
-    error: str | None,
-    config: dict[str, Any],
-) -> dict[str, Any]:
-    last = history[-1] if history else {}
-    return {
-        **identity,
-        "status": status,
-        "error": error,
-        "epochs_completed": len(history),
-        "test_acc": last.get("test_acc"),
-        "train_acc": last.get("train_acc"),
-        "test_loss": last.get("test_loss"),
-        "best_epoch": best.get("epoch"),
-        "best_test_acc": best.get("test_acc"),
-        "fwd_iters": _mean([r.get("fwd_iters") for r in history]),
-        "bwd_iters": _mean([r.get("bwd_iters") for r in history]),
-        "test_fwd_iters": _mean([r.get("test_fwd_iters") for r in history]),
-        "unit": next((r["unit"] for r in history if r.get("unit")), ""),
-        "seconds_per_epoch": _mean([r.get("train_seconds") for r in history]),
-        "peak_mem_mb": max((r["peak_mem_mb"] for r in history), default=None),
-        "peak_mem_kind": last.get("peak_mem_kind"),
-        "failed_solves": sum(
-            r.get("failed_solves", 0) + r.get("test_failed_solves", 0) for r in history
-        ),
-        "config": config,
-        "history": history,
-    }

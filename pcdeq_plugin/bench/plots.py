@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .records import RunSummary
 from .table import mean_std
 
 __all__ = ["write_plots"]
@@ -16,14 +17,13 @@ def _per_epoch(
 ) -> dict[str, tuple[list[int], list[float], list[float]]]:
     """Per model: epochs, and the mean and std of ``key`` over seeds at each epoch."""
     series: dict[str, dict[int, list[float]]] = {}
-    for run in runs:
-        if run.get("status") != "ok":
+    for run in map(RunSummary.from_dict, runs):
+        if run.status != "ok":
             continue
-        for row in run.get("history", []):
-            if row.get(key) is not None:
-                series.setdefault(run["model"], {}).setdefault(row["epoch"], []).append(
-                    float(row[key])
-                )
+        for row in run.epochs:
+            value = getattr(row, key)
+            if value is not None:
+                series.setdefault(str(run.model), {}).setdefault(row.epoch, []).append(float(value))
     out = {}
     for model, points in series.items():
         epochs = sorted(points)

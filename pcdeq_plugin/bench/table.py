@@ -1,5 +1,8 @@
 """The comparison table: one row per model from the run summaries, and its Markdown.
 
+The runs are read as :class:`~pcdeq_plugin.bench.records.RunSummary` records (old run
+directories included); the rows are plain dicts, as ``compare.json`` stores them.
+
 A row is the mean +- std over a model's successful seeds, what went wrong with the others
 (from the summaries and from the comparison plan), and ratios to a reference model.
 """
@@ -10,8 +13,8 @@ import math
 import statistics
 from typing import Any
 
-from .config import ConfigError, TrainConfig
 from .plan import check_reference
+from .records import RunSummary
 
 __all__ = [
     "INCOMPLETE",
@@ -40,32 +43,29 @@ def _median(values: list[Any]) -> float | None:
     return statistics.median(present) if present else None
 
 
-def _epoch_seconds_median(runs: list[dict[str, Any]]) -> float | None:
+def _epoch_seconds_median(runs: list[RunSummary]) -> float | None:
     """Median training seconds of one epoch over every epoch of every run.
 
     A median, not a mean: one epoch slowed by another process on a shared machine (or
     the first epoch's warm-up) does not move it.
     """
-    per_epoch = [row.get("train_seconds") for r in runs for row in r.get("history") or []]
+    per_epoch = [row.train_seconds for r in runs for row in r.epochs]
     if any(v is not None for v in per_epoch):
         return _median(per_epoch)
-    return _median([r.get("seconds_per_epoch") for r in runs])
+    return _median([r.seconds_per_epoch for r in runs])
 
 
-def _training_of(config: dict[str, Any] | None) -> str | None:
-    """The optimisation recipe a run used, in one short phrase."""
+def _training_of(run: RunSummary) -> str | None:
+    """The optimisation recipe a run used, in one short phrase (its recorded milestone)."""
+    config = run.config
     if not config:
         return None
     text = (
         f"{config.get('optimizer')} lr {config.get('lr'):g} wd {config.get('weight_decay'):g} "
         f"batch {config.get('batch_size')}"
     )
-    try:  # the milestone the run used (None in the config: 3/4 of the epochs)
-        milestone = TrainConfig.from_dict(config).effective_milestone
-    except (ConfigError, TypeError):
-        milestone = config.get("milestone")
     gamma = config.get("gamma", 0.1)
-    return text + (f", lr x{gamma:g} after epoch {milestone}" if milestone else "")
+    return text + (f", lr x{gamma:g} after epoch {run.milestone}" if run.milestone else "")
 
 
 #: Run statuses that a ``compare --resume`` continues (the comparison is incomplete).
@@ -111,45 +111,44 @@ def aggregate(
                 }
             )
             continue
-        ok = [r for r in entries if r.get("status") == "ok"]
-        errors = [
-            f"seed {r.get('seed')}: {r.get('error')}" for r in entries if r.get("status") != "ok"
-        ]
+        summaries = [RunSummary.from_dict(r) for r in entries]
+        ok = [r for r in summaries if r.status == "ok"]
+        errors = [f"seed {r.seed}: {r.error}" for r in summaries if r.status != "ok"]
         errors += [f"seed {seed}: {msg}" for seed, msg in planned_failures.get(model, {}).items()]
         waiting = plan.get("not_started", {}).get(model, {})
         errors += [f"seed {seed}: not started ({why})" for seed, why in waiting.items()]
-        statuses = [str(r.get("status")) for r in entries if r.get("status") != "ok"]
+        statuses = [str(r.status) for r in summaries if r.status != "ok"]
         statuses += ["failed"] * len(planned_failures.get(model, {}))
         statuses += ["not started"] * len(waiting)
         total = len(entries) + len(planned_failures.get(model, {})) + len(waiting)
-        acc_mean, acc_std = mean_std([r["test_acc"] for r in ok if r.get("test_acc") is not None])
-        first = (ok or entries or [{}])[0]
-        mems = [r["peak_mem_mb"] for r in ok if r.get("peak_mem_mb") is not None]
+        acc_mean, acc_std = mean_std([r.test_acc for r in ok if r.test_acc is not None])
+        first = (ok or summaries or [RunSummary()])[0]
+        mems = [r.peak_mem_mb for r in ok if r.peak_mem_mb is not None]
         rows.append(
             {
                 "model": model,
-                "family": first.get("family", info.get("family")),
-                "preset": first.get("preset", info.get("preset")),
+                "family": first.family or info.get("family"),
+                "preset": first.preset or info.get("preset"),
                 "status": _status(ok, errors, statuses),
                 "incomplete": sum(1 for status in statuses if status in INCOMPLETE),
                 "runs": total,
                 "ok": len(ok),
-                "seeds": [r.get("seed") for r in ok],
-                "epochs": first.get("epochs_completed"),
+                "seeds": [r.seed for r in ok],
+                "epochs": first.epochs_completed,
                 "test_acc_mean": acc_mean,
                 "test_acc_std": acc_std,
-                "params": first.get("params"),
-                "fwd_iters": _mean([r.get("fwd_iters") for r in ok]),
-                "bwd_iters": _mean([r.get("bwd_iters") for r in ok]),
-                "unit": first.get("unit") or "",
-                "seconds_per_epoch": _mean([r.get("seconds_per_epoch") for r in ok]),
+                "params": first.params,
+                "fwd_iters": _mean([r.fwd_iters for r in ok]),
+                "bwd_iters": _mean([r.bwd_iters for r in ok]),
+                "unit": first.unit or "",
+                "seconds_per_epoch": _mean([r.seconds_per_epoch for r in ok]),
                 "seconds_per_epoch_median": _epoch_seconds_median(ok),
                 "peak_mem_mb": max(mems) if mems else None,
-                "peak_mem_kind": first.get("peak_mem_kind"),
-                "failed_solves": sum(int(r.get("failed_solves") or 0) for r in ok),
+                "peak_mem_kind": first.peak_mem_kind,
+                "failed_solves": sum(int(r.failed_solves or 0) for r in ok),
                 "error": "; ".join(errors) or None,
                 "preset_options": info.get("preset_options"),
-                "training": _training_of(first.get("config")),
+                "training": _training_of(first),
                 "note": info.get("note"),
             }
         )

@@ -1,8 +1,8 @@
-"""The one training loop every registered model goes through, and ``run(config) -> metrics``.
+"""The one training loop every registered model goes through.
 
-``run`` is the entry point for the CLI, for ``compare`` and for sweep engines (Ray Tune,
-Optuna): give it a plain dict of :class:`~pcdeq_plugin.bench.config.TrainConfig` keys and it
-returns the run's summary metrics. Under ``torchrun`` it trains with DDP unchanged.
+:class:`Trainer` holds one run's state (model, optimizer, scheduler, history, the resume
+point) and runs its epochs; :func:`pcdeq_plugin.bench.session.run` sets a run up around it.
+Under ``torchrun`` it trains with DDP unchanged.
 """
 
 from __future__ import annotations
@@ -17,125 +17,35 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from pcdeq_plugin import UnknownNameError, build_model
 from pcdeq_plugin.registry import MODELS
 
 from .checkpoint import CheckpointError, save_checkpoint
-from .config import ConfigError, TrainConfig
-from .datasets import dataset_info, load_dataset
+from .config import TrainConfig
 from .evaluate import evaluate, model_solve_summary, progress_disabled, reset_solver_stats
-from .guards import (
-    check_batchnorm_batch,
-    check_finite_batch,
-    check_has_batches,
-    divergence_message,
-    loss_is_finite,
-)
+from .guards import check_finite_batch, divergence_message, loss_is_finite
 from .loaders import test_loader, train_loader
-from .metrics import EpochMeter, run_summary, write_history, write_json
-from .resolve import resolve_config
+from .metrics import EpochMeter, write_history, write_json
+from .records import EpochRow, RunSummary
 from .rundir import RunDirectory
 from .runtime import (
     DistContext,
     RunInterrupted,
     StopFlag,
     autocast,
-    check_amp,
     get_rng_state,
-    init_distributed,
     make_grad_scaler,
     peak_memory,
     reset_peak_memory,
-    seed_everything,
-    select_device,
-    set_deterministic,
     set_rng_state,
 )
 
-__all__ = ["run"]
+__all__ = ["BatchCallback", "EpochCallback", "Trainer"]
 
 BatchCallback = Callable[[int, int], None]
 EpochCallback = Callable[[dict[str, Any]], None]
 
 
-def run(
-    config: dict[str, Any],
-    *,
-    on_epoch: EpochCallback | None = None,
-    on_batch: BatchCallback | None = None,
-) -> dict[str, Any]:
-    """Train and evaluate one model; the entry point for the CLI, ``compare`` and sweeps.
-
-    Args:
-        config: :class:`TrainConfig` keys (unknown keys raise :class:`ConfigError` listing the
-            valid ones). Missing keys take the model's ``ModelSpec.training`` values, then the
-            harness defaults (AdamW, lr 5e-4, weight decay 1.5e-2, batch 64, one milestone).
-        on_epoch: Called with each epoch's metrics (e.g. ``ray.tune.report`` or an Optuna
-            pruning check).
-        on_batch: Called as ``on_batch(epoch, step)`` after every optimizer step.
-
-    Returns:
-        The run summary: final and best test accuracy, parameters, mean iterations or NFE,
-        seconds per epoch, peak memory, failed solves, the resolved config and the history.
-
-    Raises:
-        ConfigError: bad or conflicting configuration, unwritable output directory.
-        UnknownNameError: unknown model or dataset name.
-        DatasetNotFoundError: data missing on disk without ``download``.
-        CheckpointError: ``resume`` with a missing or corrupt checkpoint (left untouched),
-            or a checkpoint that cannot be written (disk full).
-        KeyboardInterrupt: (a :class:`~pcdeq_plugin.bench.runtime.RunInterrupted`) SIGINT or
-            SIGTERM, after writing a resumable checkpoint and the metrics so far.
-
-    A NaN or infinite training loss stops the run with status ``"diverged"`` (returned, not
-    raised): the last good checkpoint is kept and ``error`` names the epoch and step.
-    """
-    cfg, checkpoint = resolve_config(config)
-    ctx = init_distributed(cfg.device)
-    try:
-        return _run(cfg, checkpoint, ctx, on_epoch, on_batch)
-    finally:
-        ctx.shutdown()
-
-
-def _run(
-    cfg: TrainConfig,
-    checkpoint: dict[str, Any] | None,
-    ctx: DistContext,
-    on_epoch: EpochCallback | None,
-    on_batch: BatchCallback | None,
-) -> dict[str, Any]:
-    device = select_device(cfg.device)
-    check_amp(cfg.amp, device)
-    set_deterministic(cfg.deterministic)
-    info = dataset_info(cfg.dataset)
-    common = {"data_dir": cfg.data_dir, "download": cfg.download, "augment": cfg.augment}
-    train_set = load_dataset(cfg.dataset, "train", limit=cfg.train_limit, **common)
-    test_set = load_dataset(cfg.dataset, "test", limit=cfg.test_limit, **common)
-    check_has_batches(len(train_set), cfg, ctx)  # type: ignore[arg-type]
-    resuming = checkpoint is not None
-    # nothing is written before this point: bad options and missing data leave no trace
-    with RunDirectory.open(
-        cfg.out_dir, resuming=resuming, overwrite=cfg.overwrite, enabled=ctx.is_main
-    ) as out:
-        if out is not None and resuming:
-            checkpoint = out.reread()  # as it is now that this run holds the lock
-            out.reconcile(checkpoint)
-        seed_everything(cfg.seed)
-        model = _build(cfg, info.input_shape, info.num_classes)
-        check_batchnorm_batch(model, cfg)
-        trainer = _Trainer(cfg, ctx, device, model, out)
-        if checkpoint is not None:
-            trainer.restore(checkpoint)
-            if out is not None:
-                write_history(out.path, trainer.history)  # metrics agree with the checkpoint
-        elif out is not None:
-            write_json(out.path / "config.json", cfg.to_dict())
-        trainer.wrap_for_ddp()
-        return trainer.fit(train_set, test_set, on_epoch, on_batch)
-
-
-class _Trainer:
+class Trainer:
     """The state of one run and the loop over its epochs.
 
     ``epoch``/``step``/``meter``/``train_seconds`` always describe the resume point an
@@ -348,27 +258,27 @@ class _Trainer:
         self.consistent = False
         self.scheduler.step()
         mem, mem_kind = peak_memory(self.device)
-        row = {
-            "epoch": self.epoch + 1,
-            "lr": self.lr,
-            "train_loss": train["loss"],
-            "train_acc": train["acc"],
-            "test_loss": test["test_loss"],
-            "test_acc": test["test_acc"],
-            "fwd_iters": train["fwd_iters"],
-            "bwd_iters": train["bwd_iters"],
-            "test_fwd_iters": test["test_fwd_iters"],
-            "unit": self.meter.unit or "",
-            "max_residual": train["max_residual"],
-            "failed_solves": train["failed_solves"],
-            "test_failed_solves": test["test_failed_solves"],
-            "nonfinite_batches": train["nonfinite_batches"],
-            "train_seconds": self.train_seconds,
-            "test_seconds": test_seconds,
-            "epoch_seconds": self.train_seconds + test_seconds,
-            "peak_mem_mb": mem,
-            "peak_mem_kind": mem_kind,
-        }
+        row = EpochRow(
+            epoch=self.epoch + 1,
+            lr=self.lr,
+            train_loss=train["loss"],
+            train_acc=train["acc"],
+            test_loss=test["test_loss"],
+            test_acc=test["test_acc"],
+            fwd_iters=train["fwd_iters"],
+            bwd_iters=train["bwd_iters"],
+            test_fwd_iters=test["test_fwd_iters"],
+            unit=self.meter.unit or "",
+            max_residual=train["max_residual"],
+            failed_solves=train["failed_solves"],
+            test_failed_solves=test["test_failed_solves"],
+            nonfinite_batches=train["nonfinite_batches"],
+            train_seconds=self.train_seconds,
+            test_seconds=test_seconds,
+            epoch_seconds=self.train_seconds + test_seconds,
+            peak_mem_mb=mem,
+            peak_mem_kind=mem_kind,
+        ).to_dict()
         self.history.append(row)
         improved = (
             self.best["test_acc"] is None or (test["test_acc"] or 0.0) > self.best["test_acc"]
@@ -384,9 +294,9 @@ class _Trainer:
     def finish(self, status: str, error: str | None = None, quiet: bool = False) -> dict[str, Any]:
         """Write the summary; ``quiet``: on the way out of an error, whose message matters
         more than a second one about the summary (e.g. on a full disk)."""
-        summary = run_summary(
-            self.identity, self.history, self.best, status, error, self.cfg.to_dict()
-        )
+        summary = RunSummary.of_run(
+            self.identity, self.history, self.best, status, error, self.cfg
+        ).to_dict()
         if self.out is not None:
             try:
                 write_history(self.out.path, self.history)
@@ -395,21 +305,6 @@ class _Trainer:
                 if not quiet:
                     raise
         return summary
-
-
-def _build(cfg: TrainConfig, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
-    """Build the model; a factory's complaint about its options becomes a ConfigError."""
-    try:
-        return build_model(
-            cfg.model, input_shape, num_classes, preset=cfg.preset, **cfg.model_options
-        )
-    except UnknownNameError:
-        raise
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(
-            f"cannot build model {cfg.model!r} (preset {cfg.preset!r}, model_options "
-            f"{cfg.model_options}): {exc}"
-        ) from exc
 
 
 def _make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:

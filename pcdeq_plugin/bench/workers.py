@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .runtime import STOP_SIGNALS, RunInterrupted, sigterm_as_interrupt
-from .train import run
+from .session import run
 
 __all__ = ["Worker", "run_one", "run_workers"]
 
