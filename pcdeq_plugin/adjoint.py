@@ -55,7 +55,10 @@ def differentiable_step(
 
         return adjoint_map
 
-    return LinearizedStep(z, adjoint)
+    # The caller hooks the returned tensor, and the VJPs need `z` itself: hand out an
+    # alias, so that the hook's closure holds `z` but not the tensor it is registered on
+    # (a tensor kept alive by its own hook is a cycle the garbage collector cannot see).
+    return LinearizedStep(z.view_as(z), adjoint)
 
 
 def _rebuilt_vjp_map(f: MapFn, z_star: torch.Tensor, grad: torch.Tensor) -> MapFn:

@@ -87,20 +87,24 @@ class PcDEQCellMap(FixedPointMap):
     def linearized_step(self, z_star: torch.Tensor) -> LinearizedStep:
         a = self.block.pre_activation(z_star.detach(), self.u, self.operand)
         out = self.fn(a)
+        # the closures hold detached tensors only: the caller hooks `out`, and a hook that
+        # kept `out` (or its graph) alive would be a cycle the garbage collector cannot see
+        a_value, out_value, dtype = a.detach(), out.detach(), a.dtype
         weight = self.weight.detach()
+        block, fn = self.block, self.fn
         slopes: dict[torch.dtype, torch.Tensor] = {}
 
-        def slope(dtype: torch.dtype) -> torch.Tensor:
+        def slope(precision: torch.dtype) -> torch.Tensor:
             if not slopes:  # computed once, in the backward pass that needs it
-                slopes[a.dtype] = activation_slope(self.fn, a.detach(), out.detach())
-            if dtype not in slopes:
-                slopes[dtype] = slopes[a.dtype].to(dtype)
-            return slopes[dtype]
+                slopes[dtype] = activation_slope(fn, a_value, out_value)
+            if precision not in slopes:
+                slopes[precision] = slopes[dtype].to(precision)
+            return slopes[precision]
 
         def adjoint(grad: torch.Tensor) -> MapFn:
-            return self.block.adjoint_map(slope(a.dtype), weight, grad)
+            return block.adjoint_map(slope(dtype), weight, grad)
 
-        def adjoint_in(dtype: torch.dtype, grad: torch.Tensor) -> MapFn:
-            return self.block.adjoint_map(slope(dtype), weight.to(dtype), grad.to(dtype))
+        def adjoint_in(precision: torch.dtype, grad: torch.Tensor) -> MapFn:
+            return block.adjoint_map(slope(precision), weight.to(precision), grad.to(precision))
 
         return LinearizedStep(out, adjoint, adjoint_in)

@@ -156,8 +156,12 @@ def solve_implicit(
         step = differentiable_step(f, z_star, config, block)
     if step is None:
         return z_star  # nothing f uses requires grad: no graph, no hook
-    z = step.output
-    reentrant = [False]  # an autograd VJP runs through z's own graph, hence its hook
+    # The hook must not reference z (nor anything holding it, such as `step`): a tensor
+    # whose own hook keeps it alive forms a cycle through autograd's C++ graph that
+    # Python's garbage collector cannot see, and every training step would leak it.
+    z, adjoint, adjoint_in = step.output, step.adjoint, step.adjoint_in
+    del step
+    reentrant = [False]  # a VJP through the step's graph must not re-enter this hook
 
     def adjoint_hook(grad: torch.Tensor | None) -> torch.Tensor | None:
         if grad is None or reentrant[0]:  # an undefined gradient stays undefined
@@ -170,10 +174,10 @@ def solve_implicit(
         reentrant[0] = True
         try:
             with autocast_off(device_type):
-                adjoint_map = step.adjoint(grad)
+                adjoint_map = adjoint(grad)
                 warm = None
-                if step.adjoint_in is not None and warm_dtype is not None:
-                    warm = (warm_dtype, step.adjoint_in(warm_dtype, grad))
+                if adjoint_in is not None and warm_dtype is not None:
+                    warm = (warm_dtype, adjoint_in(warm_dtype, grad))
                 result_b = _solve(
                     backward_solver,
                     adjoint_map,
