@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from .checks import all_finite
+from .checks import all_finite, check_choice
 from .interface import ImplicitModel
 
 __all__ = [
@@ -46,11 +46,7 @@ _TORCH_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.cont
 
 def check_memory_format(value: object) -> str:
     """``value`` if it names a memory layout (see :data:`MEMORY_FORMATS`), else a clear error."""
-    if not (isinstance(value, str) and value in MEMORY_FORMATS):
-        raise ValueError(
-            f"unknown memory_format {value!r}; choose one of {', '.join(MEMORY_FORMATS)}"
-        )
-    return value
+    return check_choice("memory_format", value, MEMORY_FORMATS)
 
 
 def resolve_memory_format(choice: str, device: torch.device) -> torch.memory_format:

@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .checks import check_positive
+
 __all__ = [
     "CONSTRAINTS",
     "NonNegativeClamp",
@@ -103,9 +105,7 @@ class NonNegativeSoftplus(NonNegativeConstraint):
 
     def __init__(self, beta: float = 1.0) -> None:
         super().__init__()
-        if not (beta > 0 and math.isfinite(beta)):
-            raise ValueError(f"beta must be a positive finite number, got {beta!r}")
-        self.beta = float(beta)
+        self.beta = check_positive("beta", beta)
 
     def forward(self, raw: torch.Tensor) -> torch.Tensor:
         return F.softplus(raw, beta=self.beta)
@@ -168,8 +168,7 @@ def initialize_nonnegative_(weight: torch.Tensor, scale: float = 1e-4) -> torch.
     ``n0, n1`` are the first two dimensions (output and input units/channels); the kernel
     size is ignored, as in the official code.
     """
-    if not (scale > 0 and math.isfinite(scale)):
-        raise ValueError(f"init scale must be a positive finite number, got {scale!r}")
+    check_positive("init scale", scale)
     if weight.dim() < 2:
         raise ValueError(f"weight must have at least 2 dims, got shape {tuple(weight.shape)}")
     return weight.uniform_().mul_(math.sqrt(scale) / math.sqrt(weight.shape[0] + weight.shape[1]))

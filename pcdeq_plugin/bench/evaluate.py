@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from pcdeq_plugin import UnknownNameError, build_model
+from pcdeq_plugin.checks import check_count
 from pcdeq_plugin.registry import MODELS
 
 from .checkpoint import CheckpointError, load_checkpoint
@@ -106,10 +107,9 @@ def evaluate_checkpoint(
         CheckpointError: missing, corrupt or foreign checkpoint.
         ConfigError: the dataset does not fit the model.
     """
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ConfigError(f"test_limit must be an integer >= 1 (images to score), got {limit!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if limit is not None:
+        check_count("test_limit", limit, context=" (images to score)", error=ConfigError)
+    check_count("batch_size", batch_size, error=ConfigError)
     state = load_checkpoint(path)
     config = dict(state["config"])
     # only the plugins given here are imported: a checkpoint never causes code to run

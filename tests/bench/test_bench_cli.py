@@ -20,7 +20,7 @@ def test_list_shows_every_registry_and_the_plugins(tiny_plugin: str, capsys) -> 
     assert "bench-tiny-deq [tiny; presets: small]" in text
     assert "mnist5k [1x28x28, 10 classes]" in text and "cifar10-aug" in text
     # the harness's datasets come through the entry-point door, like the baselines
-    assert "pcdeq_bench_datasets (pcdeq-plugin): loaded [entry point]" in text
+    assert "pcdeq_plugin.bench.datasets (pcdeq-plugin): loaded [entry point]" in text
     assert main(["list", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert {"models", "activations", "solvers", "datasets", "plugins"} <= set(data)
