@@ -126,6 +126,25 @@ class RecipeOverride:
             value = _check_value(name, getattr(self, name), where)
             object.__setattr__(self, name, {} if name == "notes" and value is None else value)
 
+    def __getitem__(self, key: str) -> Any:
+        """Read a declared field by name, as code written for the mapping form does.
+
+        Raises:
+            KeyError: ``key`` is no field, or the recipe leaves it undeclared.
+        """
+        names = {f.name for f in fields(self)}
+        value = getattr(self, key) if key in names else None
+        if value is None:
+            raise KeyError(key)
+        return value
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """A declared field by name, or ``default``."""
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
     def harness_options(self) -> dict[str, Any]:
         """The declared fields under the harness config's names (``milestone``: one int)."""
         options = {

@@ -128,6 +128,9 @@ def test_mapping_form_is_converted_and_overrides_win_field_by_field() -> None:
     assert recipe.harness_options("svhn") == {"lr": 1e-3, "epochs": 80, "milestone": 70}
     assert recipe.harness_options("mnist") == {"lr": 1e-3, "epochs": 40, "milestone": 30}
     assert TrainingRecipe(milestones=()).harness_options() == {"milestone": 0}  # no decay
+    assert recipe["lr"] == 1e-3 and recipe.get("gamma", 0.5) == 0.5  # read like a mapping
+    with pytest.raises(KeyError):
+        recipe["gamma"]  # undeclared
     spec = ModelSpec("m", lambda *a, **k: None, "fam", training={"lr": 2e-3})
     assert spec.training == TrainingRecipe(lr=2e-3)
 
