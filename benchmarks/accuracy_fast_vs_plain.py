@@ -69,6 +69,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
     parser.add_argument("--train-limit", type=int, default=None, help="first N train images")
     parser.add_argument("--test-limit", type=int, default=None, help="first N test images")
+    parser.add_argument(
+        "--fast-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="force an option on the fast path, repeatable (e.g. warm_start=bf16: the small "
+        "preset's 16 channels are below the warm start's 'auto' threshold)",
+    )
     args = parser.parse_args(argv)
     try:
         args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -77,6 +85,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if not args.seeds or args.epochs < 1:
         parser.error("give at least one seed and --epochs >= 1")
     return args
+
+
+def _key_value(item: str) -> tuple[str, Any]:
+    key, sep, value = item.partition("=")
+    if not (sep and key):
+        raise SystemExit(f"--fast-option expects KEY=VALUE, got {item!r}")
+    return key, value
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, list[float]]:
@@ -88,7 +103,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[float]]:
             "this pcdeq_plugin has no speed options (SolverConfig.warm_start/adjoint/"
             "reuse_step_graph, memory_format): the fast and the plain path are the same, nothing to compare"
         )
-    paths = {"fast defaults": {}, "plain float32": plain}
+    forced = dict(_key_value(item) for item in args.fast_option)
+    paths = {"fast defaults": forced, "plain float32": plain}
     accuracy: dict[str, list[float]] = {name: [] for name in paths}
     seconds: dict[str, list[float]] = {name: [] for name in paths}
     for seed in args.seeds:
@@ -97,6 +113,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[float]]:
             accuracy[name].append(100.0 * summary["test_acc"])
             seconds[name].append(summary["seconds_per_epoch"])
     print(f"# {MODEL} (small) on mnist5k: fast defaults vs plain float32")
+    if forced:
+        print(f"fast path forced: {forced}")
     print(
         f"{args.epochs} epoch(s), seeds {args.seeds}, device {args.device}, CPU {cpu_model()}; "
         f"plain options {plain}"
