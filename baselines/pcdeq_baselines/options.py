@@ -35,6 +35,7 @@ __all__ = [
     "check_counts",
     "check_flag",
     "check_input_shape",
+    "check_pool",
     "check_overrides",
     "check_positive_number",
     "is_mnist_like",
@@ -49,6 +50,13 @@ def check_overrides(model: str, overrides: Mapping[str, Any], valid: Collection[
 def is_mnist_like(input_shape: tuple[int, int, int]) -> bool:
     """One channel, at most 28x28: the default sizes of the papers' MNIST models apply."""
     return input_shape[0] == 1 and max(input_shape[1:]) <= 28
+
+
+def check_pool(pool: Any, size: int) -> int:
+    """``pool`` for an average-pool window of 1 to ``size`` pixels (a bool is refused)."""
+    if isinstance(pool, bool) or not (isinstance(pool, int) and 1 <= pool <= size):
+        raise ValueError(f"pool must be an integer between 1 and {size}, got {pool!r}")
+    return pool
 
 
 def check_input_shape(x: torch.Tensor, input_shape: tuple[int, ...], model: str) -> None:

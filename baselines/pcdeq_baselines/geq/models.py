@@ -13,7 +13,7 @@ from pcdeq_plugin import ImplicitModel, ModelSpec, SolverConfig
 from pcdeq_plugin.interface import split_solver_options
 from pcdeq_plugin.recipes import TrainingRecipe
 
-from ..options import check_count, check_input_shape, check_overrides, is_mnist_like
+from ..options import check_count, check_input_shape, check_overrides, check_pool, is_mnist_like
 from .block import GEQ_SOLVER, GEQBlock, GEQConvBlock, GEQLinearBlock
 
 __all__ = ["MODEL_SPECS", "GEQConvNet", "GEQFcNet", "make_geq_conv", "make_geq_fc"]
@@ -65,8 +65,7 @@ class GEQConvNet(_GEQNet):
         self.input_shape = tuple(input_shape)
         c, h, w = input_shape
         channels = check_count("channels", channels)
-        if isinstance(pool, bool) or not (isinstance(pool, int) and 1 <= pool <= min(h, w)):
-            raise ValueError(f"pool must be an integer between 1 and {min(h, w)}, got {pool!r}")
+        check_pool(pool, min(h, w))
         self.pool = pool
         self.block = GEQConvBlock(c, channels, name="geq", **block)
         self.head = nn.Linear(channels * (h // pool) * (w // pool), num_classes)

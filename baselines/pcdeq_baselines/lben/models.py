@@ -18,7 +18,7 @@ from pcdeq_plugin.recipes import TrainingRecipe
 
 from ..mondeq.block import MonDEQBlock
 from ..mondeq.models import _SOLVER_DEFAULTS, _MonDEQNet
-from ..options import check_choice, check_count, check_overrides
+from ..options import check_choice, check_count, check_overrides, check_pool
 from .certificate import LipschitzCertificate, check_gamma, fc_lmi_min_eigenvalue
 from .operators import METRICS, LbenConvOperator, LbenFcOperator
 
@@ -92,8 +92,7 @@ class LbenConvNet(_LbenNet):
         c, h, w = input_shape
         size = (h + 2, w + 2)
         check_count("channels", channels)
-        if isinstance(pool, bool) or not (isinstance(pool, int) and 1 <= pool <= min(size)):
-            raise ValueError(f"pool must be an integer between 1 and {min(size)}, got {pool!r}")
+        check_pool(pool, min(size))
         check_choice("metric", metric, METRICS)
         self.operator = LbenConvOperator(
             c, channels, size, num_classes, check_gamma(gamma), pool=pool, metric=metric, m=m

@@ -45,7 +45,14 @@ from torch import nn
 from pcdeq_plugin import ImplicitModel, ModelSpec
 from pcdeq_plugin.recipes import RecipeOverride, TrainingRecipe
 
-from ..options import check_count, check_counts, check_input_shape, check_overrides, is_mnist_like
+from ..options import (
+    check_count,
+    check_counts,
+    check_input_shape,
+    check_overrides,
+    check_pool,
+    is_mnist_like,
+)
 from .block import MonDEQBlock
 from .multitier import MonMultiTierOperator
 from .ops import MonFcOperator, MonSingleConvOperator
@@ -117,8 +124,7 @@ class MonDEQSingleConvNet(_MonDEQNet):
         c, h, w = input_shape
         size = (h + 2, w + 2)
         check_count("channels", channels)
-        if isinstance(pool, bool) or not (isinstance(pool, int) and 1 <= pool <= min(size)):
-            raise ValueError(f"pool must be an integer between 1 and {min(size)}, got {pool!r}")
+        check_pool(pool, min(size))
         op = MonSingleConvOperator(c, channels, size, m=m)
         self.block = MonDEQBlock(op, name="mondeq", **solver)
         self.pool = pool

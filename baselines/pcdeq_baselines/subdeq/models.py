@@ -30,7 +30,7 @@ from pcdeq_plugin import ImplicitModel, ModelSpec, SolverConfig
 from pcdeq_plugin.interface import split_solver_options
 from pcdeq_plugin.recipes import TrainingRecipe
 
-from ..options import check_count, check_input_shape, check_overrides, is_mnist_like
+from ..options import check_count, check_input_shape, check_overrides, check_pool, is_mnist_like
 from .block import (
     SUBDEQ_SOLVER,
     SubDEQBlock,
@@ -95,10 +95,7 @@ class SubDEQConvNet(_SubDEQNet):
         self.input_shape = tuple(input_shape)
         c, h, w = input_shape
         check_count("channels", channels)
-        if isinstance(pool, bool) or not (isinstance(pool, int) and 1 <= pool <= min(h, w)):
-            raise ValueError(
-                f"pool must be an integer between 1 and the image size {min(h, w)}, got {pool!r}"
-            )
+        check_pool(pool, min(h, w))
         self.block = SubDEQConvBlock(c, channels, name="subdeq", **block)
         self.norm = nn.BatchNorm2d(channels)
         self.pool = nn.AvgPool2d(pool, pool)
