@@ -38,7 +38,6 @@ Errors that are not solver failures (any other exception from the dynamics) prop
 
 from __future__ import annotations
 
-import inspect
 import time
 from typing import Any
 
@@ -56,145 +55,20 @@ from ..options import (
     check_flag,
     check_positive_number,
 )
+from .dynamics import (
+    ADAPTIVE_METHODS,
+    ODE_METHODS,
+    SOLVE_FAILURES,
+    CountVJP,
+    Dynamics,
+    SolveRecord,
+    TrackingDynamics,
+    is_solve_failure,
+    ode_option_names,
+    supports_step_callback,
+)
 
 __all__ = ["ADAPTIVE_METHODS", "FAILURE_POLICIES", "ODE_METHODS", "ODEBlock"]
-
-try:  # torchdiffeq keeps its method table private; 0.2.5 is pinned in pyproject.toml
-    from torchdiffeq._impl.odeint import SOLVERS as _TORCHDIFFEQ_SOLVERS
-    from torchdiffeq._impl.rk_common import RKAdaptiveStepsizeODESolver as _Adaptive
-except ImportError:  # pragma: no cover - only if torchdiffeq reorganises its internals
-    _TORCHDIFFEQ_SOLVERS = {}
-    _Adaptive = None
-
-#: Every method name torchdiffeq accepts.
-ODE_METHODS: tuple[str, ...] = tuple(_TORCHDIFFEQ_SOLVERS) or (
-    "dopri8", "dopri5", "bosh3", "fehlberg2", "adaptive_heun", "euler", "midpoint", "heun2",
-    "heun3", "rk4", "explicit_adams", "implicit_adams", "fixed_adams", "scipy_solver",
-)  # fmt: skip
-#: Adaptive Runge-Kutta methods: the only ones that take ``max_num_steps``.
-ADAPTIVE_METHODS: tuple[str, ...] = tuple(
-    n for n, cls in _TORCHDIFFEQ_SOLVERS.items() if _Adaptive and issubclass(cls, _Adaptive)
-) or ("dopri8", "dopri5", "bosh3", "fehlberg2", "adaptive_heun")
-
-
-# torchdiffeq reports failed solves with bare asserts (step limit, dt underflow, non-finite
-# state) and a fixed-step iteration cap with RuntimeError("Reached maximum number of
-# iterations ..."); any other RuntimeError is a real bug and propagates.
-_SOLVE_FAILURES = (AssertionError, RuntimeError)
-
-
-def _is_solve_failure(exc: BaseException) -> bool:
-    return isinstance(exc, AssertionError) or "maximum number of iterations" in str(exc)
-
-
-def _ode_option_names(method: str) -> set[str] | None:
-    """The ``options`` keys torchdiffeq's ``method`` reads; ``None`` if it cannot be told.
-
-    torchdiffeq only *warns* about keys it does not know (and then ignores them), so a typo
-    such as ``{"step-size": 0.1}`` would silently change nothing: collect the keyword
-    parameters of the solver class and of the base classes its ``**kwargs`` reach.
-    """
-    cls = _TORCHDIFFEQ_SOLVERS.get(method)
-    if cls is None:
-        return None
-    names = {"norm"}  # read by odeint itself for every method
-    for klass in cls.__mro__:
-        init = klass.__dict__.get("__init__")
-        if init is None:
-            continue
-        params = inspect.signature(init).parameters.values()
-        names |= {p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD}
-        if not any(p.kind is p.VAR_KEYWORD for p in params):
-            break
-    return names - {"self", "func", "y0", "rtol", "atol", "dtype"}
-
-
-def _supports_step_callback(method: str) -> bool:
-    cls = _TORCHDIFFEQ_SOLVERS.get(method)
-    return cls is not None and "callback_step" in cls.valid_callbacks()
-
-
-class _SolveRecord:
-    """Book-keeping of one forward call and its backward pass."""
-
-    def __init__(self, block_stats: BlockStats) -> None:
-        self.block_stats = block_stats
-        self.phase = "forward"
-        self.forward_nfe = 0
-        self.backward_nfe = 0
-        self.backward_start: float | None = None
-        self.forward_converged: torch.Tensor | None = None
-
-
-class _CountVJP(torch.autograd.Function):
-    """Identity whose backward counts one vector-Jacobian product through the dynamics.
-
-    With ``opens=True`` it marks the block's output instead: its backward runs first (it is
-    the node closest to the loss) and opens a fresh backward record.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: Any, out: torch.Tensor, record: _SolveRecord, solver: str, opens: bool
-    ) -> torch.Tensor:
-        ctx.record, ctx.solver, ctx.opens = record, solver, opens
-        return out.view_as(out)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
-        record: _SolveRecord = ctx.record
-        now = time.perf_counter()
-        if ctx.opens or record.backward_start is None:
-            record.backward_start, record.backward_nfe = now, 0
-            forward = record.forward_converged
-            assert forward is not None  # the forward record exists before any backward
-            # Backpropagation through the recorded evaluations always completes; a failed
-            # forward solve is reported once, by the forward record.
-            record.block_stats.backward = SolveStats(
-                iterations=0,
-                residual=torch.zeros(forward.shape, device=forward.device),
-                converged=torch.ones_like(forward),
-                seconds=0.0,
-                unit="nfe",
-                solver=f"{ctx.solver}/backprop",
-            )
-        if not ctx.opens:
-            record.backward_nfe += 1
-        stats = record.block_stats.backward
-        if stats is not None:
-            stats.iterations = record.backward_nfe
-            stats.seconds = now - record.backward_start
-        return grad, None, None, None
-
-
-class _Dynamics:
-    """The callable handed to torchdiffeq: counts evaluations, remembers the last accepted state."""
-
-    def __init__(self, func: nn.Module, record: _SolveRecord, *, count_vjps: bool, solver: str):
-        self.func = func
-        self.record = record
-        self.count_vjps = count_vjps
-        self.solver = solver
-        self.last_t: torch.Tensor | float = 0.0
-        self.last_y: torch.Tensor | None = None
-
-    def __call__(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if self.record.phase == "forward":
-            self.record.forward_nfe += 1
-        else:
-            self.record.backward_nfe += 1
-        out = self.func(t, y)
-        if self.count_vjps and self.record.phase == "forward" and out.requires_grad:
-            out = _CountVJP.apply(out, self.record, self.solver, False)
-        return out
-
-
-class _TrackingDynamics(_Dynamics):
-    """Adds torchdiffeq's ``callback_step``: called with the accepted state before each step."""
-
-    def callback_step(self, t0: torch.Tensor, y0: torch.Tensor, dt: torch.Tensor) -> None:
-        self.last_t = t0.detach()  # a tensor: converting here would sync a GPU every step
-        self.last_y = y0
 
 
 class _AdjointSolve(torch.autograd.Function):
@@ -206,7 +80,7 @@ class _AdjointSolve(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, block: ODEBlock, record: _SolveRecord, h0: torch.Tensor, *params: Any):
+    def forward(ctx: Any, block: ODEBlock, record: SolveRecord, h0: torch.Tensor, *params: Any):
         dyn = block._make_dynamics(record, count_vjps=False)
         ctx.block, ctx.record = block, record
         with torch.enable_grad():
@@ -222,8 +96,8 @@ class _AdjointSolve(torch.autograd.Function):
                 )
                 ctx.h_end, ctx.failed = solution[-1], False
                 return solution[-1].detach()
-            except _SOLVE_FAILURES as exc:
-                if not _is_solve_failure(exc):
+            except SOLVE_FAILURES as exc:
+                if not is_solve_failure(exc):
                     raise
                 ctx.h_end, ctx.failed = None, True
                 return block._recover(record, dyn, h0, exc).detach()
@@ -231,7 +105,7 @@ class _AdjointSolve(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
         block: ODEBlock = ctx.block
-        record: _SolveRecord = ctx.record
+        record: SolveRecord = ctx.record
         params: tuple[torch.Tensor, ...] = ctx.params
         batch = grad.shape[0]
         start = time.perf_counter()
@@ -242,8 +116,8 @@ class _AdjointSolve(torch.autograd.Function):
         if not ctx.failed and wrt:
             try:
                 grads = torch.autograd.grad(ctx.h_end, wrt, grad, allow_unused=True)
-            except _SOLVE_FAILURES as exc:
-                if not _is_solve_failure(exc):
+            except SOLVE_FAILURES as exc:
+                if not is_solve_failure(exc):
                     raise
                 error = exc
         ok = not ctx.failed and error is None
@@ -310,7 +184,7 @@ class ODEBlock(ImplicitBlock):
         options = dict(ode_options or {})  # never mutate the caller's dict
         if "max_num_steps" in options:
             raise ValueError("pass max_num_steps as its own argument, not inside ode_options")
-        known = _ode_option_names(method)
+        known = ode_option_names(method)
         unknown = sorted(set(options) - known) if known is not None else []
         if unknown:
             raise ValueError(
@@ -335,11 +209,11 @@ class ODEBlock(ImplicitBlock):
         dtype = h0.dtype if h0.is_floating_point() else torch.get_default_dtype()
         return torch.tensor([0.0, self.t_end], dtype=dtype, device=h0.device)
 
-    def _make_dynamics(self, record: _SolveRecord, *, count_vjps: bool) -> _Dynamics:
-        cls = _TrackingDynamics if _supports_step_callback(self.method) else _Dynamics
+    def _make_dynamics(self, record: SolveRecord, *, count_vjps: bool) -> Dynamics:
+        cls = TrackingDynamics if supports_step_callback(self.method) else Dynamics
         return cls(self.func, record, count_vjps=count_vjps, solver=self.method)
 
-    def _forward_stats(self, record: _SolveRecord, batch: int, device: torch.device,
+    def _forward_stats(self, record: SolveRecord, batch: int, device: torch.device,
                        reached: torch.Tensor | None, seconds: float) -> SolveStats:  # fmt: skip
         if reached is None:  # success
             converged = torch.ones(batch, dtype=torch.bool, device=device)
@@ -359,7 +233,7 @@ class ODEBlock(ImplicitBlock):
         )
 
     def _recover(
-        self, record: _SolveRecord, dyn: _Dynamics, h0: torch.Tensor, error: BaseException
+        self, record: SolveRecord, dyn: Dynamics, h0: torch.Tensor, error: BaseException
     ) -> torch.Tensor:
         """The state to continue from after a failed forward solve (see the module docs)."""
         batch = h0.shape[0]
@@ -385,7 +259,7 @@ class ODEBlock(ImplicitBlock):
         """Integrate from ``h0`` (shape ``[B, C, H, W]``) and return ``h(t_end)``."""
         stats = BlockStats(self.block_name)
         self.last_stats = stats
-        record = _SolveRecord(stats)
+        record = SolveRecord(stats)
         start = time.perf_counter()
         params = tuple(p for p in self.func.parameters() if p.requires_grad)
         needs_graph = torch.is_grad_enabled() and (h0.requires_grad or bool(params))
@@ -395,8 +269,8 @@ class ODEBlock(ImplicitBlock):
             dyn = self._make_dynamics(record, count_vjps=needs_graph)
             try:
                 h_end = odeint(dyn, h0, self._time_span(h0), **self._solve_kwargs())[-1]
-            except _SOLVE_FAILURES as exc:
-                if not _is_solve_failure(exc):
+            except SOLVE_FAILURES as exc:
+                if not is_solve_failure(exc):
                     raise
                 h_end = self._recover(record, dyn, h0, exc)
         error = getattr(record, "failure", None)
@@ -405,7 +279,7 @@ class ODEBlock(ImplicitBlock):
             record, h0.shape[0], h0.device, reached, time.perf_counter() - start
         )
         if not self.adjoint and h_end.requires_grad:
-            h_end = _CountVJP.apply(h_end, record, self.method, True)
+            h_end = CountVJP.apply(h_end, record, self.method, True)
         elif needs_graph and not h_end.requires_grad:
             # A solve that failed before its first step returns h(0), which carries no graph
             # here: record now that no gradient flows through the block for this batch.
