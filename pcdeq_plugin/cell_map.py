@@ -38,6 +38,13 @@ _SLOPE_FROM_OUTPUT: dict[Callable, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
+#: in-place versions of activations, for the solve's no-grad iterations
+_IN_PLACE: dict[Callable, Callable[[torch.Tensor], torch.Tensor]] = {
+    torch.tanh: torch.tanh_,
+    torch.sigmoid: torch.sigmoid_,
+}
+
+
 def activation_slope(
     fn: Callable[[torch.Tensor], torch.Tensor], a: torch.Tensor, out: torch.Tensor
 ) -> torch.Tensor:
@@ -66,12 +73,20 @@ class PcDEQCellMap(FixedPointMap):
     def __init__(self, block: PcDEQBlock, u: torch.Tensor, weight: torch.Tensor) -> None:
         self.block = block
         self.fn = block.activation.fn
+        self.fn_ = _IN_PLACE.get(self.fn)
         self.u = u
         self.weight = weight
         self.operand = block.operand(weight)
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
-        return self.fn(self.block.pre_activation(z, self.u, self.operand))
+        a = self.block.pre_activation(z, self.u, self.operand)
+        if self.fn_ is not None and not torch.is_grad_enabled():
+            return self.fn_(a)  # the solve's iterations: no autograd, no new allocation
+        return self.fn(a)
+
+    def image_of_zero(self) -> torch.Tensor:
+        """``sigma(u)``: ``sigma(W 0 + u)`` without the linear map (``W 0 = 0`` exactly)."""
+        return self.fn(self.u)
 
     def low_precision_pays(self, state: torch.Tensor) -> bool:
         """Large states of compute-bound cells only (wide dense layers, many channels)."""

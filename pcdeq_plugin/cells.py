@@ -161,7 +161,10 @@ class PcDEQBlock(ImplicitBlock):
     def pre_activation(
         self, z: torch.Tensor, u: torch.Tensor, operand: torch.Tensor
     ) -> torch.Tensor:
-        """``a = W z + u`` from :meth:`operand` (subclasses fuse the addition where they can)."""
+        """``a = W z + u`` from :meth:`operand` (subclasses fuse the addition where they can).
+
+        Must return a new tensor: the solve applies the activation to it in place.
+        """
         return self.linear_map(z, operand) + u
 
     def adjoint_map(
@@ -229,6 +232,7 @@ class PcDEQBlock(ImplicitBlock):
                 self.config,
                 self.last_stats,
                 solvers=self._solvers,
+                zero_start=True,
             )
 
     def after_optimizer_step(self) -> None:
@@ -314,6 +318,13 @@ class PcDEQConv(PcDEQBlock):
     def transposed_map(self, y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # stride 1 and "same" zero padding: the transposed convolution is the adjoint
         return F.conv_transpose2d(y, weight, padding=self.kernel_size // 2)
+
+    def pre_activation(
+        self, z: torch.Tensor, u: torch.Tensor, operand: torch.Tensor
+    ) -> torch.Tensor:
+        # in place on the convolution's fresh output (its backward does not need it): one
+        # allocation per iteration instead of two
+        return F.conv2d(z, operand, padding=self.kernel_size // 2).add_(u)
 
     def _check_shape(self, x: torch.Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != self.channels:

@@ -92,6 +92,7 @@ def solve_implicit(
     stats: BlockStats | None = None,
     *,
     solvers: tuple[FixedPointSolver, FixedPointSolver] | None = None,
+    zero_start: bool | None = None,
 ) -> torch.Tensor:
     """Fixed point ``z* = f(z*)`` with implicit gradients.
 
@@ -108,12 +109,17 @@ def solve_implicit(
             ``stats.backward`` during backward (it is reset to ``None`` on each forward).
         solvers: The ``(forward, backward)`` solvers of ``config`` if the caller built
             them already (:func:`make_solvers`); saves the registry lookups per call.
+        zero_start: ``True`` promises that ``z0`` is all zeros (the pcDEQ start), which
+            saves a pass over it; ``None`` tests it. From zero, a map that knows ``f(0)``
+            (:meth:`~pcdeq_plugin.maps.FixedPointMap.image_of_zero`) starts from there: the
+            first iteration costs no evaluation (it is still counted).
 
     Returns:
         ``z*`` (float32 if the input was half precision or autocast was on). Under
         ``torch.no_grad()`` no graph is built and ``f`` is evaluated exactly the solve's
-        number of times; with grad enabled it is evaluated once more, for the one
-        differentiable step (whose graph is dropped if nothing ``f`` uses requires grad).
+        number of times (one fewer from zero where ``f(0)`` is known); with grad enabled
+        it is evaluated once more, for the one differentiable step (whose graph is dropped
+        if nothing ``f`` uses requires grad).
 
     Raises:
         ConvergenceError: a solve failed and ``config.on_failure == "raise"``.
@@ -131,6 +137,8 @@ def solve_implicit(
     if z0.dtype in _LOW_PRECISION:
         z0 = z0.float()
     warm_dtype = resolve_warm_start(config.warm_start, z0, f)
+    if zero_start is None:
+        zero_start = not bool(z0.any())
 
     with autocast_off(device_type):
         with torch.no_grad():
@@ -143,6 +151,7 @@ def solve_implicit(
                 config,
                 _warm_map(f, warm_dtype),
                 project=True,
+                zero_start=zero_start,
             )
         if stats is not None:
             stats.forward = result.stats
@@ -234,34 +243,66 @@ def _solve(
     warm: tuple[torch.dtype, MapFn] | None,
     *,
     project: bool,
+    zero_start: bool = False,
 ) -> FixedPointResult:
     """One solve: an optional low-precision warm phase, then the solver in ``z0``'s dtype.
 
-    The warm phase's evaluations count against ``max_iter`` and are recorded in
-    ``stats.warm_iterations`` (``stats.iterations`` counts both phases).
+    From zero, a map that knows ``f(0)`` starts there (one iteration, no evaluation). That
+    iteration and the warm phase's count against ``max_iter`` and are recorded in
+    ``stats.iterations``; the warm phase's also in ``stats.warm_iterations``. At
+    ``max_iter = 1`` neither applies: the solver alone decides the one iteration.
     """
     start = time.perf_counter()
+    check_every = config.check_every
+    if check_every is None and not getattr(solver, "predicts_checks", False):
+        check_every = config.effective_check_every(z0.device)
+    # f(0) without an evaluation: for a warm phase, or for a solver whose checks can
+    # start from it (plain iteration); never at max_iter = 1
+    takes_image = warm is not None or getattr(solver, "starts_from_image_of_zero", False)
+    image = None
+    if zero_start and isinstance(f, FixedPointMap) and max_iter > 1 and takes_image:
+        image = f.image_of_zero()
+    done = 0 if image is None else 1  # iterations before the warm phase
     warm_iterations = 0
-    if warm is not None and max_iter > 1:
+    if warm is not None and max_iter - done > 1:
         dtype, warm_fn = warm
-        zero_start = project and not bool(z0.any())  # the forward solve starts at 0
-        start_low = torch.zeros_like(z0, dtype=dtype) if zero_start else z0.to(dtype)
+        if image is not None:
+            start_low = image.to(dtype)
+        else:
+            start_low = torch.zeros_like(z0, dtype=dtype) if zero_start else z0.to(dtype)
         state, warm_iterations = warm_iterate(
-            warm_fn, start_low, tol=config.warm_tol, max_iter=max_iter - 1, zero_start=zero_start
+            warm_fn,
+            start_low,
+            tol=config.warm_tol,
+            max_iter=max_iter - done - 1,
+            zero_start=zero_start,
+            done=done,
         )
         z0 = state.to(z0.dtype)
         if project:  # rounding must not leave the orthant the guarantee lives in
             z0 = z0.clamp_min_(0)
-    check_every = config.check_every
-    if check_every is None and not getattr(solver, "predicts_checks", False):
-        check_every = config.effective_check_every(z0.device)
-    result = solver(f, z0, tol=tol, max_iter=max_iter - warm_iterations, check_every=check_every)
-    if warm_iterations:  # (a warm phase is skipped at max_iter = 1: nothing to record)
+        before = done + warm_iterations
+        result = solver(f, z0, tol=tol, max_iter=max_iter - before, check_every=check_every)
+    elif image is not None and getattr(solver, "starts_from_image_of_zero", False):
+        # the solver counts iteration 1 and places its checks as from zero
+        result = solver(
+            f,
+            image.to(z0.dtype),
+            tol=tol,
+            max_iter=max_iter,
+            check_every=check_every,
+            from_image_of_zero=True,
+        )
+        before = 0
+    else:
+        result = solver(f, z0, tol=tol, max_iter=max_iter, check_every=check_every)
+        before = 0
+    if before:
         result.stats = dataclasses.replace(
             result.stats,
-            iterations=result.stats.iterations + warm_iterations,
+            iterations=result.stats.iterations + before,
             warm_iterations=warm_iterations,
-            warm_dtype=str(warm[0]).replace("torch.", ""),
+            warm_dtype=str(warm[0]).replace("torch.", "") if warm_iterations else "",
             max_iter=max_iter,
             seconds=time.perf_counter() - start,
         )

@@ -64,7 +64,9 @@ def _check_call_args(z0: torch.Tensor, tol: float, max_iter: int, check_every: i
 
 def _any_nonzero(z: torch.Tensor) -> bool:
     if z.device.type == "cpu" and z.dtype not in LOW_PRECISION:
-        return bool(z.detach().numpy().any())  # no torch dispatch for a start test
+        values = z.detach().numpy()
+        # a warm or f(0) start is nonzero at its first element: no pass over a large state
+        return bool(values.flat[0] != 0) or bool(values.any())
     return bool(z.any())
 
 
@@ -86,6 +88,9 @@ class IterativeSolver:
     #: pays for this solver; a solver that computes the residual every step anyway checks
     #: every step on the CPU instead.
     predicts_checks: bool = False
+    #: Whether a solve from zero may start at ``f(0)`` (``from_image_of_zero=True``): true
+    #: for plain iteration, whose second iterate is ``f(f(0))`` either way.
+    starts_from_image_of_zero: bool = False
 
     def init(self, z0: torch.Tensor) -> Any:
         return None
@@ -103,6 +108,7 @@ class IterativeSolver:
         tol: float,
         max_iter: int,
         check_every: int | None = 1,
+        from_image_of_zero: bool = False,
     ) -> FixedPointResult:
         """Iterate towards ``z = fn(z)`` from ``z0``.
 
@@ -114,26 +120,35 @@ class IterativeSolver:
             check_every: Test convergence every this many iterations (and at the cap);
                 ``None`` predicts the checks from the observed geometric rate (see the
                 module docstring).
+            from_image_of_zero: ``z0`` is ``f(0)`` of a solve from zero (only for solvers
+                with :attr:`starts_from_image_of_zero`): iteration 1 is done and counted,
+                and the checks fall where they would from zero.
 
         Returns:
             :class:`FixedPointResult` with the per-sample solution (each sample's image
             ``fn(z)`` at the check where it finished, or at the cap) and its statistics.
         """
         _check_call_args(z0, tol, max_iter, check_every)
+        if from_image_of_zero and not (self.starts_from_image_of_zero and max_iter > 1):
+            raise ValueError(
+                f"{self.name}: from_image_of_zero needs a solver that starts from f(0) and "
+                f"max_iter >= 2 (got max_iter={max_iter})"
+            )
         if check_every is None and not self.predicts_checks:
             check_every = 1
         start = time.perf_counter()
         on_host = z0.device.type in convergence_checks.HOST_CHECK_DEVICES
         loop = HostChecks(z0, tol) if on_host else DeviceChecks(z0, tol)
-        zero_start = check_every is None and not _any_nonzero(z0)
+        zero_start = from_image_of_zero or (check_every is None and not _any_nonzero(z0))
         schedule = CheckSchedule(check_every, tol, max_iter, zero_start)
         z = z0.detach()
         state = self.init(z)
-        iterations = 0
+        first = 2 if from_image_of_zero else 1  # iteration 1 from zero gave z0 = f(0)
+        iterations = first - 1
         # deterministic (never timed, so answers never depend on the machine's load): a
         # check costs more than an evaluation of a small map, or a synchronisation
         round_up = not on_host or z0.numel() < STACK_BELOW
-        for k in range(1, max_iter + 1):
+        for k in range(first, max_iter + 1):
             fz = fn(z)
             if not isinstance(fz, torch.Tensor) or fz.shape != z.shape:
                 got = tuple(fz.shape) if isinstance(fz, torch.Tensor) else type(fz).__name__

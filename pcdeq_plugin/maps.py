@@ -11,6 +11,8 @@ A plain callable ``f(z)`` is enough for :func:`solve_implicit`. A map that subcl
 * :meth:`FixedPointMap.linearized_step` -- the one differentiable step together with an
   analytic Jacobian-transpose product (pcDEQ cells: ``J^T y = W^T (sigma'(a) * y)``), so
   the backward solve needs no autograd round trip and no second evaluation.
+* :meth:`FixedPointMap.image_of_zero` -- ``f(0)`` without an evaluation (pcDEQ cells:
+  ``sigma(u)``), so a solve from zero saves its first linear map.
 """
 
 from __future__ import annotations
@@ -87,4 +89,12 @@ class FixedPointMap:
 
     def linearized_step(self, z_star: torch.Tensor) -> LinearizedStep | None:
         """The differentiable step with an analytic adjoint, or ``None`` (use autograd)."""
+        return None
+
+    def image_of_zero(self) -> torch.Tensor | None:
+        """``f(0)`` where the map knows it without evaluating itself, else ``None``.
+
+        A pcDEQ cell's ``sigma(W 0 + u)`` is ``sigma(u)`` exactly (``W 0 = 0`` in floating
+        point): a solve from zero then skips its first linear map or convolution.
+        """
         return None

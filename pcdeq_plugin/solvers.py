@@ -51,6 +51,7 @@ class FixedPointIteration(IterativeSolver):
 
     name = "fixed_point"
     predicts_checks = True
+    starts_from_image_of_zero = True
 
     def step(
         self, state: Any, z: torch.Tensor, fz: torch.Tensor, residual: torch.Tensor | None

@@ -88,38 +88,46 @@ def resolve_warm_start(
 
 
 def warm_iterate(
-    fn: MapFn, z0: torch.Tensor, *, tol: float, max_iter: int, zero_start: bool = False
+    fn: MapFn,
+    z0: torch.Tensor,
+    *,
+    tol: float,
+    max_iter: int,
+    zero_start: bool = False,
+    done: int = 0,
 ) -> tuple[torch.Tensor, int]:
     """Plain iteration of a low-precision map until it has done what it can.
 
     Stops when every sample's residual is below ``max(tol, eps / 2)`` (``eps`` of the
     precision), when the worst residual stops improving (rate above :data:`STALL_RATIO`)
-    or turns non-finite, or at ``max_iter``. Checks are placed where the observed rate
-    predicts the tolerance is met (rounded up: an extra low-precision iteration is cheaper
-    than a check and only improves the start); ``zero_start`` says the first residual is 1.
+    or turns non-finite, or after ``max_iter`` evaluations. Checks are placed where the
+    observed rate predicts the tolerance is met (rounded up: an extra low-precision
+    iteration is cheaper than a check and only improves the start); ``zero_start`` says
+    the solve started at zero, whose residual is 1; ``done`` iterations of it are done
+    already (``z0`` is then their result, such as ``f(0)``).
 
     Returns:
-        The last image ``fn(z)`` and the number of evaluations of ``fn``.
+        The last image ``fn(z)`` and the number of evaluations of ``fn`` made here.
     """
     tol = max(tol, torch.finfo(z0.dtype).eps / 2)
     last: tuple[int, float] | None = (1, 1.0) if zero_start else None
-    next_check = 2
+    next_check = max(2, done + 1)  # the same iterations as from zero
     z = z0
-    k = 0
-    for k in range(1, max_iter + 1):
+    k = done
+    for k in range(done + 1, done + max_iter + 1):
         fz = fn(z)
         if k >= next_check:
             diff, image = residual_norms(fz, z)
             worst = float((diff / (image + 1e-8)).max())  # one synchronisation
             if not worst >= tol:  # NaN stops too
-                return fz, k
+                return fz, k - done
             next_check = k + 1
             if last is not None:
                 rate = (worst / last[1]) ** (1.0 / (k - last[0])) if last[1] > 0 else math.inf
                 if not rate < STALL_RATIO:  # the precision's floor, or no progress
-                    return fz, k
+                    return fz, k - done
                 needed = math.ceil(math.log(tol / worst) / math.log(rate))
                 next_check = k + min(max(1, needed), max(1, k // 2))  # see CheckSchedule
             last = (k, worst)
         z = fz
-    return z, k
+    return z, k - done

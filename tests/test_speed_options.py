@@ -16,6 +16,7 @@ from speed_support import instrument, pre_injection
 from test_implicit import count_saved_tensors
 
 import pcdeq_plugin as P
+from pcdeq_plugin.cell_map import PcDEQCellMap
 from pcdeq_plugin.cells import PcDEQConv, PcDEQLinear
 from pcdeq_plugin.checks import all_finite
 from pcdeq_plugin.models import resolve_memory_format
@@ -118,7 +119,8 @@ def test_evaluation_costs_the_iterations_and_nothing_more(kind: str, warm_start:
         z = block(pre)
     stats = block.last_stats.forward
     assert stats.iterations > 3 and stats.all_converged
-    assert log.count("cell") == stats.iterations  # both phases, no differentiable step
+    # both phases, no differentiable step; the first iteration from zero is sigma(u)
+    assert log.count("cell") == stats.iterations - 1
     assert log.count("cell", torch.bfloat16) == stats.warm_iterations
     assert (stats.warm_iterations > 0) == (warm_start == "bf16")
     assert saved == 0
@@ -132,8 +134,54 @@ def test_evaluating_a_conv_network_runs_only_its_solves() -> None:
     with torch.no_grad():
         saved = count_saved_tensors(lambda: model.eval()(torch.rand(3, *MNIST)))
     for log, record in zip(logs, model.solver_stats()):
-        assert log.count("cell") == record.forward.iterations > 2
+        assert log.count("cell") == record.forward.iterations - 1 > 1  # f(0) = sigma(u)
     assert saved == 0
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("warm_start", ["off", "bf16"])
+def test_a_solve_from_zero_skips_only_the_first_linear_map(kind: str, warm_start: str) -> None:
+    # sigma(W 0 + u) is sigma(u) exactly: the same iterates (bit for bit in float32), the
+    # same checks, one map fewer
+    cls = PcDEQLinear if kind == "linear" else PcDEQConv
+    config = P.SolverConfig(tol=1e-5, warm_start=warm_start)
+    block = cls(6, init_scale=0.05, config=config)
+    pre = pre_injection(kind, n=6, batch=3, dtype=torch.float32)
+    with torch.no_grad():
+        u = block.injection(pre)
+        shortcut = P.solve_implicit(
+            PcDEQCellMap(block, u, block.weight), torch.zeros_like(u), config
+        )
+        plain_map = PcDEQCellMap(block, u, block.weight)
+        plain_map.image_of_zero = lambda: None  # the map as if it did not know f(0)
+        stats = P.BlockStats("plain")
+        plain = P.solve_implicit(plain_map, torch.zeros_like(u), config, stats, zero_start=True)
+        stats_short = P.BlockStats("short")
+        again = P.solve_implicit(
+            PcDEQCellMap(block, u, block.weight), torch.zeros_like(u), config, stats_short
+        )
+    if warm_start == "off":  # float32 throughout: the same iterates, checked at the same k
+        assert stats_short.forward.iterations == stats.forward.iterations > 3
+        assert torch.equal(shortcut, plain) and torch.equal(again, plain)
+        assert torch.equal(stats_short.forward.residual, stats.forward.residual)
+    else:  # the warm phase starts from sigma(u) in float32, not from sigma_bf16(u_bf16)
+        assert 0 < stats_short.forward.warm_iterations < stats_short.forward.iterations
+        assert abs(stats_short.forward.iterations - stats.forward.iterations) <= 1
+        torch.testing.assert_close(shortcut, plain, rtol=0, atol=1e-4)
+        assert bool(stats_short.forward.converged.all())
+
+
+def test_a_nonzero_start_is_iterated_from_itself() -> None:
+    block = PcDEQLinear(6, init_scale=0.05)
+    pre = pre_injection("linear", n=6, batch=3, dtype=torch.float32)
+    log = instrument(block)
+    with torch.no_grad():
+        u = block.injection(pre)
+        start = torch.full_like(u, 0.5)
+        P.solve_implicit(
+            PcDEQCellMap(block, u, block.weight), start, block.config, block.last_stats
+        )
+    assert log.count("cell") == block.last_stats.forward.iterations  # no f(0) shortcut
 
 
 # -- the predicted check schedule ----------------------------------------------------------
