@@ -100,18 +100,40 @@ class PcDEQCellMap(FixedPointMap):
         return lambda z: self.fn(self.block.pre_activation(z, u, operand))
 
     def linearized_step(self, z_star: torch.Tensor) -> LinearizedStep:
-        a = self.block.pre_activation(z_star.detach(), self.u, self.operand)
-        out = self.fn(a)
-        # the closures hold detached tensors only: the caller hooks `out`, and a hook that
-        # kept `out` (or its graph) alive would be a cycle the garbage collector cannot see
-        a_value, out_value, dtype = a.detach(), out.detach(), a.dtype
+        """The differentiable step and its analytic adjoint.
+
+        For tanh and sigmoid (pcDEQ-1 and pcDEQ-2 as in the paper) there is no evaluation:
+        ``z*`` is the image ``sigma(a)`` of the solve's last iteration, whose slope
+        ``sigma'(a)`` is a function of ``z*`` alone, so ``z*`` itself is the output and
+        :class:`_LinearizedFixedPoint` gives ``u`` and ``W`` their gradients through that
+        linearisation (within the solve's tolerance of the linearisation at ``z*``, as the
+        implicit gradient itself). Other activations need ``a``: one evaluation at ``z*``.
+        """
+        from_output = _SLOPE_FROM_OUTPUT.get(self.fn)
+        z_star = z_star.detach()
+        # the closures hold detached tensors only: the caller hooks the output, and a hook
+        # that kept it (or its graph) alive would be a cycle the garbage collector cannot see
         weight = self.weight.detach()
-        block, fn = self.block, self.fn
+        block, fn, dtype = self.block, self.fn, z_star.dtype
         slopes: dict[torch.dtype, torch.Tensor] = {}
+        if from_output is not None:
+            a_value = out_value = z_star
+
+            def first_slope() -> torch.Tensor:
+                return from_output(out_value)
+
+            out = _LinearizedFixedPoint.apply(z_star, self.u, self.weight, block, weight, slopes)
+        else:
+            a = self.block.pre_activation(z_star, self.u, self.operand)
+            out = self.fn(a)
+            a_value, out_value = a.detach(), out.detach()
+
+            def first_slope() -> torch.Tensor:
+                return activation_slope(fn, a_value, out_value)
 
         def slope(precision: torch.dtype) -> torch.Tensor:
-            if not slopes:  # computed once, in the backward pass that needs it
-                slopes[dtype] = activation_slope(fn, a_value, out_value)
+            if dtype not in slopes:  # computed once, in the backward pass that needs it
+                slopes[dtype] = first_slope()
             if precision not in slopes:
                 slopes[precision] = slopes[dtype].to(precision)
             return slopes[precision]
@@ -123,3 +145,34 @@ class PcDEQCellMap(FixedPointMap):
             return block.adjoint_map(slope(precision), weight.to(precision), grad.to(precision))
 
         return LinearizedStep(out, adjoint, adjoint_in)
+
+
+class _LinearizedFixedPoint(torch.autograd.Function):
+    """``z* = sigma(W z + u)`` at the solve's last iteration, differentiated in ``u`` and ``W``.
+
+    The forward pass returns ``z*`` unchanged (no evaluation of the cell). The backward
+    pass receives the adjoint ``y`` (the backward hook has solved for it) and returns
+    ``dL/du = sigma'(a) * y`` and ``dL/dW``, the weight gradient of the linear map at
+    ``z*`` for the output gradient ``sigma'(a) * y`` (one matrix product or one
+    convolution weight gradient). ``slopes`` is the dictionary the adjoint maps fill
+    with ``sigma'(a)`` (computed once per backward pass).
+    """
+
+    @staticmethod
+    def forward(ctx, z_star, u, weight, block, weight_value, slopes):  # type: ignore[override]
+        ctx.block, ctx.weight_value, ctx.slopes = block, weight_value, slopes
+        ctx.save_for_backward(z_star)
+        return z_star
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        (z_star,) = ctx.saved_tensors
+        slope = ctx.slopes.get(z_star.dtype)
+        if slope is None:  # a backward that did not go through the hook (no adjoint solve)
+            slope = _SLOPE_FROM_OUTPUT[ctx.block.activation.fn](z_star)
+        scaled = slope * grad
+        grad_u = scaled if ctx.needs_input_grad[1] else None
+        grad_w = None
+        if ctx.needs_input_grad[2]:
+            grad_w = ctx.block.weight_gradient(z_star, scaled, ctx.weight_value)
+        return None, grad_u, grad_w, None, None, None

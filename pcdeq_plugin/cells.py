@@ -158,6 +158,18 @@ class PcDEQBlock(ImplicitBlock):
         """``weight`` in the form :meth:`pre_activation` takes (computed once per solve)."""
         return weight
 
+    def weight_gradient(
+        self, z: torch.Tensor, grad: torch.Tensor, weight: torch.Tensor
+    ) -> torch.Tensor:
+        """``d<grad, W z>/dW``: the weight gradient of :meth:`linear_map` at ``z``.
+
+        Default: by autograd through one evaluation; subclasses give it directly.
+        """
+        with torch.enable_grad():
+            leaf = weight.detach().requires_grad_()
+            (result,) = torch.autograd.grad(self.linear_map(z, leaf), leaf, grad)
+        return result
+
     def pre_activation(
         self, z: torch.Tensor, u: torch.Tensor, operand: torch.Tensor
     ) -> torch.Tensor:
@@ -271,6 +283,11 @@ class PcDEQLinear(PcDEQBlock):
     def operand(self, weight: torch.Tensor) -> torch.Tensor:
         return weight.t()
 
+    def weight_gradient(
+        self, z: torch.Tensor, grad: torch.Tensor, weight: torch.Tensor
+    ) -> torch.Tensor:
+        return grad.t().mm(z)  # W z for rows z: d/dW = grad^T z
+
     def pre_activation(
         self, z: torch.Tensor, u: torch.Tensor, operand: torch.Tensor
     ) -> torch.Tensor:
@@ -318,6 +335,15 @@ class PcDEQConv(PcDEQBlock):
     def transposed_map(self, y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # stride 1 and "same" zero padding: the transposed convolution is the adjoint
         return F.conv_transpose2d(y, weight, padding=self.kernel_size // 2)
+
+    def weight_gradient(
+        self, z: torch.Tensor, grad: torch.Tensor, weight: torch.Tensor
+    ) -> torch.Tensor:
+        pad = self.kernel_size // 2  # the convolution's own weight gradient, no forward
+        return torch.ops.aten.convolution_backward(
+            grad, z, weight, None, [1, 1], [pad, pad], [1, 1], False, [0, 0], 1,
+            [False, True, False],
+        )[1]  # fmt: skip
 
     def pre_activation(
         self, z: torch.Tensor, u: torch.Tensor, operand: torch.Tensor

@@ -212,7 +212,7 @@ def test_analytic_adjoint_is_refused_for_maps_without_one() -> None:
     [("auto", True), ("analytic", True), ("autograd", True), ("autograd", False)],
 )
 @pytest.mark.parametrize("activation", ["tanh", "sigmoid", "relu6"])
-def test_training_step_evaluates_the_cell_as_often_as_its_iterations(
+def test_training_step_evaluates_the_cell_at_most_as_often_as_its_iterations(
     activation: str, adjoint: str, reuse_step_graph: bool
 ) -> None:
     block = float64_block("conv", activation, adjoint=adjoint, reuse_step_graph=reuse_step_graph)
@@ -220,15 +220,18 @@ def test_training_step_evaluates_the_cell_as_often_as_its_iterations(
     pre = pre_injection("conv").requires_grad_()
     z = block(pre)
     forward = block.last_stats.forward
-    # the iterations (the first from zero, sigma(u), needs no evaluation) and the step
-    assert log.count("cell") == forward.iterations
-    assert sum(c.grad_enabled for c in log.cell) == 1  # only the differentiable step
+    analytic = adjoint != "autograd"
+    # the iterations, of which the first from zero (sigma(u)) needs no evaluation, and the
+    # differentiable step, which the analytic adjoint of tanh and sigmoid does not need
+    # either (z* is its own output: the slope is a function of it)
+    step = 0 if analytic and activation in ("tanh", "sigmoid") else 1
+    assert log.count("cell") == forward.iterations - 1 + step
+    assert sum(c.grad_enabled for c in log.cell) == step
     loss = (z * z).sum()
     log.clear()
     saved = count_saved_tensors(loss.backward)
     backward = block.last_stats.backward
     assert backward.all_converged and backward.iterations > 1
-    analytic = adjoint != "autograd"
     assert log.count("adjoint") == (backward.iterations if analytic else 0)
     assert log.count("cell") == (0 if reuse_step_graph else 1)  # the rebuilt graph
     if not analytic or activation in ("tanh", "sigmoid"):
