@@ -336,6 +336,12 @@ class PcDEQConv(PcDEQBlock):
         # stride 1 and "same" zero padding: the transposed convolution is the adjoint
         return F.conv_transpose2d(y, weight, padding=self.kernel_size // 2)
 
+    def adjoint_map(
+        self, slope: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
+        pad = self.kernel_size // 2  # the sum in place on the fresh transposed convolution
+        return lambda y: F.conv_transpose2d(slope * y, weight, padding=pad).add_(grad)
+
     def weight_gradient(
         self, z: torch.Tensor, grad: torch.Tensor, weight: torch.Tensor
     ) -> torch.Tensor:
