@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pcdeq_plugin import ImplicitModel, PcDEQBlock, PcDEQConv, PcDEQLinear
+from pcdeq_plugin.pooling import SameMaxPool2d
 
 __all__ = [
     "PAPER_EPS",
@@ -149,9 +150,11 @@ def paper_reference_model(
 ) -> ImplicitModel:
     """Make ``model`` solve its pcDEQ blocks with the paper's algorithm, in place.
 
-    Everything outside the blocks (stems, BatchNorm, pools, classifier) and every parameter
-    stay as they are; build ``model`` NCHW float32 (our plain options) for a faithful
-    reference. Each block's :class:`PaperSolveRecord` is in ``block.paper_record``.
+    Everything outside the blocks (stems, BatchNorm, classifier) and every parameter stay
+    as they are, except that our max pools' fast evaluation path
+    (:class:`pcdeq_plugin.pooling.SameMaxPool2d`) becomes the paper's ``nn.MaxPool2d``;
+    build ``model`` NCHW float32 (our plain options) for a faithful reference. Each
+    block's :class:`PaperSolveRecord` is in ``block.paper_record``.
 
     Args:
         model: One of our pcDEQ networks (every implicit block a linear or conv pcDEQ block).
@@ -181,6 +184,10 @@ def paper_reference_model(
 
         # an instance attribute shadows the class's forward; hooks still run via __call__
         block.forward = forward
+    for parent in model.modules():  # the paper's pool: the native operator, in every mode
+        for name, child in list(parent.named_children()):
+            if isinstance(child, SameMaxPool2d):
+                setattr(parent, name, nn.MaxPool2d(3, stride=1, padding=1))
     return model
 
 

