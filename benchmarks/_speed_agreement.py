@@ -72,11 +72,13 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def agreement(variants: list[Variant], chunks: list[torch.Tensor], tol: float) -> dict[str, dict]:
     """Per variant name: ``z_rel``, ``logits_rel``, ``same_pred`` (None for the paper),
-    ``worst_residual`` and ``within_tol``."""
+    ``worst_residual`` and ``within_tol`` (all None for a timing bound)."""
+    none = dict.fromkeys(("worst_residual", "within_tol", "z_rel", "logits_rel", "same_pred"))
+    variants, bounds = [v for v in variants if not v.is_bound], variants
+    out: dict[str, dict] = {v.name: dict(none) for v in bounds if v.is_bound}
     captured = {v.name: capture(v.model, chunks) for v in variants}
     paper = next(v for v in variants if v.is_paper)
     ref_logits, ref_pairs = captured[paper.name]
-    out: dict[str, dict] = {}
     for variant in variants:
         logits, pairs = captured[variant.name]
         residuals = torch.cat(

@@ -8,7 +8,12 @@ copied into each):
 * ``ours-plain``: our layers with every speed option forced off;
 * ``ours``: our layers with their defaults (plus any ``--option``);
 * with ``--ablations``, ``ours`` with one option forced off at a time, so the table shows
-  what each option contributes.
+  what each option contributes;
+* with ``--bound``, ``0-iteration bound``: ``ours`` with every block's solve replaced by
+  one differentiable cell evaluation at ``z = 0`` (``sigma(W 0 + u)``, graph included):
+  everything the network does except the fixed-point and adjoint iterations, so a lower
+  bound on the time of any solver at these weights. Its ratio to the paper is the largest
+  speed-up a faster solve could bring.
 
 The speed options are detected, not assumed: a library without them gets no
 ``ours-plain`` (or ablation) variant, and the table says why.
@@ -32,6 +37,7 @@ __all__ = [
     "DEFAULT_CASES",
     "Case",
     "NUM_CLASSES",
+    "BOUND",
     "Variant",
     "Workload",
     "build_variants",
@@ -40,6 +46,7 @@ __all__ = [
     "plain_options",
     "warm_up_weights",
     "workload",
+    "zero_iteration_model",
 ]
 
 NUM_CLASSES = 10
@@ -178,6 +185,28 @@ class Variant:
     name: str
     model: ImplicitModel
     is_paper: bool = False
+    #: a timing bound, not a solver: no answers to compare (see zero_iteration_model)
+    is_bound: bool = False
+
+
+BOUND = "0-iteration bound"
+
+
+def zero_iteration_model(model: ImplicitModel) -> ImplicitModel:
+    """``model`` with each block's solve replaced by one cell evaluation at ``z = 0``, in place.
+
+    The evaluation keeps its graph (the linear map's weight gradient is computed in
+    backward, as after a real solve), so train and eval steps cost everything but the
+    iterations.
+    """
+    for block in model.implicit_blocks():
+
+        def forward(pre_injection: torch.Tensor, _block: Any = block) -> torch.Tensor:
+            u = _block.injection(pre_injection)
+            return _block.cell(torch.zeros_like(u), u)
+
+        block.forward = forward  # an instance attribute shadows the class's forward
+    return model
 
 
 def _build(case: Case, device: torch.device, **options: Any) -> ImplicitModel:
@@ -214,6 +243,7 @@ def build_variants(
     tol: float,
     ours_options: dict[str, Any],
     ablations: bool,
+    bound: bool = False,
 ) -> tuple[list[Variant], list[str]]:
     """The case's variants, each loaded with ``weights``; and notes on skipped variants."""
     plain = plain_options(case)
@@ -241,13 +271,17 @@ def build_variants(
                 specs.append((name, {**solver, **ours_options, key: plain[key]}, False))
             else:
                 notes.append(f"{case.label}: {name} skipped: no {key} option to force off here")
+    if bound:
+        specs.append((BOUND, {**solver, **ours_options}, False))
     variants = []
     for name, options, is_paper in specs:
         model = _build(case, device, **options)
         model.load_state_dict(weights)
         if is_paper:
             paper_reference_model(model, tol=tol)
-        variants.append(Variant(name, model, is_paper))
+        if name == BOUND:
+            zero_iteration_model(model)
+        variants.append(Variant(name, model, is_paper, is_bound=name == BOUND))
     return variants, notes
 
 

@@ -25,6 +25,8 @@ def _warm(stats: list[Any]) -> int | None:
 def _iterations(variant: Variant) -> dict[str, int | None]:
     """Forward and backward iterations of the latest training step (summed over blocks),
     and of those the warm start's."""
+    if variant.is_bound:  # no solves
+        return {"fwd": 0, "bwd": 0, "fwd_warm": None, "bwd_warm": None}
     if variant.is_paper:
         records = paper_records(variant.model)
         return {

@@ -81,6 +81,7 @@ def bench_case(case: Case, args: argparse.Namespace, device: torch.device) -> tu
             tol=args.tol,
             ours_options=args.options,
             ablations=args.ablations,
+            bound=args.bound,
         )
         if agree is None:  # before any timed step changes the weights
             agree = agreement(variants, data.test_chunks(), args.tol)
@@ -193,6 +194,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--ablations", action="store_true", help="also 'ours' with one option off at a time"
+    )
+    parser.add_argument(
+        "--bound",
+        action="store_true",
+        help="also the network with 0-iteration solves: the fastest any solver could be",
     )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

@@ -215,6 +215,21 @@ def test_bench_speed_table_and_agreement_on_the_linear_net(capsys):
         assert row["z_rel"] < 1e-4 and row["logits_rel"] < 1e-4
 
 
+def test_bench_speed_bound_row_times_the_network_without_iterations(capsys):
+    bench = load_script("bench_speed")
+    from _speed_setup import BOUND
+
+    args = ["--models", "pcdeq-single-conv-2", "--repeats", "1", "--batch", "4", "--bound"]
+    rows = bench.main([*args, "--warmup-steps", "1", "--test-samples", "8"])
+    out = capsys.readouterr().out
+    bound = rows[-1]
+    assert bound["variant"] == BOUND and f"| {BOUND} |" in out
+    assert bound["fwd_it"] == bound["bwd_it"] == 0 and bound["train_ms"] > 0
+    assert all(bound[k] is None for k in ("z_rel", "same_pred", "worst_residual"))
+    assert {r["variant"] for r in rows[:-1]} >= {"paper", "ours"}  # the others unchanged
+    assert all(r["within_tol"] == 1.0 for r in rows[:-1])
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
