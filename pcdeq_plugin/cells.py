@@ -339,8 +339,15 @@ class PcDEQConv(PcDEQBlock):
     def adjoint_map(
         self, slope: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor
     ) -> Callable[[torch.Tensor], torch.Tensor]:
-        pad = self.kernel_size // 2  # the sum in place on the fresh transposed convolution
-        return lambda y: F.conv_transpose2d(slope * y, weight, padding=pad).add_(grad)
+        pad = self.kernel_size // 2
+        scaled = torch.empty_like(slope)  # slope * y of every iteration, in one buffer
+
+        def adjoint(y: torch.Tensor) -> torch.Tensor:
+            # the sum in place on the transposed convolution's fresh output
+            torch.mul(slope, y, out=scaled)
+            return F.conv_transpose2d(scaled, weight, padding=pad).add_(grad)
+
+        return adjoint
 
     def weight_gradient(
         self, z: torch.Tensor, grad: torch.Tensor, weight: torch.Tensor

@@ -16,7 +16,7 @@ import math
 import numpy as np
 import torch
 
-from .residuals import LOW_PRECISION, RESIDUAL_EPS, batch_where, stacked_norms
+from .residuals import LOW_PRECISION, RESIDUAL_EPS, batch_where, stacked_norms, work_buffer
 
 __all__ = ["HOST_CHECK_DEVICES", "CheckSchedule", "DeviceChecks", "HostChecks"]
 
@@ -88,12 +88,13 @@ class HostChecks:
         self.value: torch.Tensor | None = None  # set once some samples are done
         self.current: np.ndarray | None = None
         self.done = self.converged = self.final = None  # per-sample arrays, made lazily
+        self.work = work_buffer(z0)  # f(z) - z of every check, in one buffer
 
     def residual(self, fz: torch.Tensor, z: torch.Tensor, check: bool) -> torch.Tensor:
         if not check:  # a solver that needs the residual on every step: stay in torch
-            diff, image = stacked_norms(fz, z)
+            diff, image = stacked_norms(fz, z, self.work)
             return diff / (image + RESIDUAL_EPS)
-        diff, image = stacked_norms(fz, z).numpy()  # one read
+        diff, image = stacked_norms(fz, z, self.work).numpy()  # one read
         if np.isfinite(image).all():  # no inf/inf or overflow: NumPy has nothing to warn of
             self.current = diff / (image + RESIDUAL_EPS)
         else:
@@ -152,9 +153,10 @@ class DeviceChecks:
         self.value: torch.Tensor | None = None
         self.current: torch.Tensor | None = None
         self.any_done = False
+        self.work = work_buffer(z0)  # f(z) - z of every check, in one buffer
 
     def residual(self, fz: torch.Tensor, z: torch.Tensor, check: bool) -> torch.Tensor:
-        diff, image = stacked_norms(fz, z)
+        diff, image = stacked_norms(fz, z, self.work)
         self.current = diff / (image + RESIDUAL_EPS)
         return self.current
 

@@ -15,6 +15,7 @@ __all__ = [
     "per_sample_residual",
     "residual_norms",
     "stacked_norms",
+    "work_buffer",
     "STACK_BELOW",
 ]
 
@@ -25,12 +26,17 @@ RESIDUAL_EPS = 1e-8
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-def residual_norms(fz: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def residual_norms(
+    fz: torch.Tensor, z: torch.Tensor, work: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample ``||f(z) - z||`` and ``||f(z)||`` (float32 for half-precision states).
 
     Reduces over every non-batch dimension in place, so a channels-last state is not copied.
     A half-precision state is reduced in its own dtype (torch accumulates in float32) and
     only the ``[B]`` results are cast: casting the state first would copy it twice.
+    ``work`` (shaped and laid out like ``z``) receives ``f(z) - z``: a solve that checks
+    often reuses one buffer instead of allocating a state-sized tensor per check, which on
+    the CPU costs page faults comparable to the arithmetic.
     """
     if fz.shape != z.shape:
         raise ValueError(
@@ -42,7 +48,8 @@ def residual_norms(fz: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, tor
     if z.dim() == 1:  # one scalar per sample
         return (fz - z).abs().to(out), fz.abs().to(out)
     dims = tuple(range(1, z.dim()))
-    diff = torch.linalg.vector_norm(fz - z, dim=dims)
+    delta = fz - z if work is None else torch.sub(fz, z, out=work)
+    diff = torch.linalg.vector_norm(delta, dim=dims)
     image = torch.linalg.vector_norm(fz, dim=dims)
     return diff.to(out), image.to(out)
 
@@ -52,15 +59,26 @@ def residual_norms(fz: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, tor
 STACK_BELOW = 1 << 16
 
 
-def stacked_norms(fz: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """``[||f(z) - z||, ||f(z)||]`` per sample as one ``[2, B]`` tensor, without a graph."""
+def stacked_norms(
+    fz: torch.Tensor, z: torch.Tensor, work: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``[||f(z) - z||, ||f(z)||]`` per sample as one ``[2, B]`` tensor, without a graph.
+
+    ``work``: see :func:`residual_norms` (used for states of :data:`STACK_BELOW` elements
+    or more).
+    """
     if fz.requires_grad or z.requires_grad:
         fz, z = fz.detach(), z.detach()
     if z.dim() > 1 and z.numel() < STACK_BELOW and fz.shape == z.shape:
         dims = tuple(range(2, z.dim() + 1))
         norms = torch.linalg.vector_norm(torch.stack((fz - z, fz)), dim=dims)
         return norms.float() if z.dtype in LOW_PRECISION else norms
-    return torch.stack(residual_norms(fz, z))
+    return torch.stack(residual_norms(fz, z, work))
+
+
+def work_buffer(z: torch.Tensor) -> torch.Tensor | None:
+    """A buffer for :func:`residual_norms` where ``z`` is large enough to need one."""
+    return torch.empty_like(z) if z.numel() >= STACK_BELOW else None
 
 
 def per_sample_residual(

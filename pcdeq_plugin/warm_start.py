@@ -32,7 +32,7 @@ import torch
 from .checks import check_choice
 from .interface import WARM_START_CHOICES
 from .maps import FixedPointMap, MapFn
-from .residuals import residual_norms
+from .residuals import residual_norms, work_buffer
 
 __all__ = [
     "LOW_PRECISION",
@@ -114,10 +114,11 @@ def warm_iterate(
     next_check = max(2, done + 1)  # the same iterations as from zero
     z = z0
     k = done
+    work = work_buffer(z0)
     for k in range(done + 1, done + max_iter + 1):
         fz = fn(z)
         if k >= next_check:
-            diff, image = residual_norms(fz, z)
+            diff, image = residual_norms(fz, z, work)
             worst = float((diff / (image + 1e-8)).max())  # one synchronisation
             if not worst >= tol:  # NaN stops too
                 return fz, k - done
