@@ -25,6 +25,7 @@ is the caller's decision.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -53,15 +54,20 @@ def has_fast_bf16(device: torch.device | str) -> bool:
     """Whether ``device`` runs bfloat16 matmuls/convolutions faster than float32."""
     device = torch.device(device)
     if device.type == "cpu":
-        cpu = getattr(torch, "cpu", None)
-        checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-        return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
+        return _cpu_has_fast_bf16()
     if device.type == "cuda":
         if not torch.cuda.is_available():
             return False
         major, _ = torch.cuda.get_device_capability(device)
         return major >= 8  # Ampere and newer: bf16 tensor cores
     return False
+
+
+@functools.cache
+def _cpu_has_fast_bf16() -> bool:  # asked once per solve: the answer never changes
+    cpu = getattr(torch, "cpu", None)
+    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
 
 
 def resolve_warm_start(

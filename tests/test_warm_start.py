@@ -167,11 +167,17 @@ def test_fast_bf16_detection(monkeypatch) -> None:
     flags = {"_is_amx_tile_supported": False, "_is_avx512_bf16_supported": False}
     for name in flags:
         monkeypatch.setattr(torch.cpu, name, lambda name=name: flags[name], raising=False)
-    assert warm_start.has_fast_bf16("cpu") is False
-    for name in flags:
-        flags[name] = True
-        assert warm_start.has_fast_bf16(torch.device("cpu")) is True
-        flags[name] = False
+    cached = warm_start._cpu_has_fast_bf16  # the CPU's answer is asked once per process
+    try:
+        cached.cache_clear()
+        assert warm_start.has_fast_bf16("cpu") is False
+        for name in flags:
+            flags[name] = True
+            cached.cache_clear()
+            assert warm_start.has_fast_bf16(torch.device("cpu")) is True
+            flags[name] = False
+    finally:
+        cached.cache_clear()  # the real flags again for the tests that follow
 
 
 def test_unknown_warm_start_is_refused_with_the_choices() -> None:
