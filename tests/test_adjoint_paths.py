@@ -239,3 +239,33 @@ def test_training_step_evaluates_the_cell_at_most_as_often_as_its_iterations(
         # from the kept output, the merged step differentiates the graph it already has;
         # only the paper's recipe builds one there
         assert (saved == 0) == reuse_step_graph
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_weight_gradients_equal_autograd_through_the_linear_map(kind: str) -> None:
+    # the dense and conv closed forms against the base class's autograd fallback
+    block = float64_block(kind, "tanh")
+    pre = pre_injection(kind)
+    z, grad = torch.rand_like(pre), torch.randn_like(pre)
+    weight = block.weight.detach()
+    direct = block.weight_gradient(z, grad, weight)
+    fallback = P.PcDEQBlock.weight_gradient(block, z, grad, weight)
+    assert direct.shape == weight.shape
+    torch.testing.assert_close(direct, fallback, rtol=1e-12, atol=1e-12)
+    assert float(direct.abs().max()) > 0
+
+
+@pytest.mark.parametrize("activation", ["tanh", "sigmoid"])
+def test_the_step_free_output_is_z_star_and_keeps_its_graph_small(activation: str) -> None:
+    block = float64_block("conv", activation)
+    pre = pre_injection("conv").requires_grad_()
+    z = block(pre)
+    with torch.no_grad():
+        again = block(pre)  # evaluation: the solve's answer, no step
+    assert torch.equal(z.detach(), again)  # training returns z* itself, not f(z*)
+    assert type(z.grad_fn).__name__ == "_LinearizedFixedPointBackward"
+    (grad,) = torch.autograd.grad((z * z).sum(), pre)
+    leaf = pre.detach().requires_grad_()
+    reference = unrolled_block(block, leaf)
+    (want,) = torch.autograd.grad((reference * reference).sum(), leaf)
+    assert rel_err(grad, want) < 1e-8
