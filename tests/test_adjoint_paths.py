@@ -269,3 +269,21 @@ def test_the_step_free_output_is_z_star_and_keeps_its_graph_small(activation: st
     reference = unrolled_block(block, leaf)
     (want,) = torch.autograd.grad((reference * reference).sum(), leaf)
     assert rel_err(grad, want) < 1e-8
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_step_free_output_survives_retain_graph_and_reuse(kind: str) -> None:
+    block = float64_block(kind, "tanh")
+    pre = pre_injection(kind).requires_grad_()
+    z = block(pre)
+    loss = (z * z).sum()
+    (first,) = torch.autograd.grad(loss, pre, retain_graph=True)
+    (second,) = torch.autograd.grad(loss, pre)
+    assert torch.equal(first, second)
+    # the block twice in one graph: two solves, two independent hooks and Functions
+    twice = block(block(pre) * 0.5)
+    (grad,) = torch.autograd.grad(twice.sum(), pre)
+    leaf = pre.detach().requires_grad_()
+    reference = unrolled_block(block, unrolled_block(block, leaf) * 0.5)
+    (want,) = torch.autograd.grad(reference.sum(), leaf)
+    assert rel_err(grad, want) < 1e-8
