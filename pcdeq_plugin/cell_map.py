@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .autocast import autocast_off
 from .maps import FixedPointMap, LinearizedStep, MapFn
 
 if TYPE_CHECKING:  # the block imports this module
@@ -173,12 +174,14 @@ class _LinearizedFixedPoint(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         (z_star,) = ctx.saved_tensors
-        slope = ctx.slopes.get(z_star.dtype)
-        if slope is None:  # a backward that did not go through the hook (no adjoint solve)
-            slope = _SLOPE_FROM_OUTPUT[ctx.block.activation.fn](z_star)
-        scaled = slope * grad
-        grad_u = scaled if ctx.needs_input_grad[1] else None
-        grad_w = None
-        if ctx.needs_input_grad[2]:
-            grad_w = ctx.block.weight_gradient(z_star, scaled, ctx.weight_value)
+        # float32 as the forward solve, even if backward() runs inside an autocast region
+        with autocast_off(z_star.device.type):
+            slope = ctx.slopes.get(z_star.dtype)
+            if slope is None:  # a backward that did not go through the hook (no adjoint)
+                slope = _SLOPE_FROM_OUTPUT[ctx.block.activation.fn](z_star)
+            scaled = slope * grad.to(z_star.dtype)
+            grad_u = scaled if ctx.needs_input_grad[1] else None
+            grad_w = None
+            if ctx.needs_input_grad[2]:
+                grad_w = ctx.block.weight_gradient(z_star, scaled, ctx.weight_value)
         return None, grad_u, grad_w, None, None, None

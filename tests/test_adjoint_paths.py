@@ -287,3 +287,25 @@ def test_the_step_free_output_survives_retain_graph_and_reuse(kind: str) -> None
     reference = unrolled_block(block, unrolled_block(block, leaf) * 0.5)
     (want,) = torch.autograd.grad(reference.sum(), leaf)
     assert rel_err(grad, want) < 1e-8
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_backward_inside_an_autocast_region_stays_float32(kind: str) -> None:
+    # the weight gradient is a matrix product (dense) that autocast would run in bfloat16
+    block = (
+        P.PcDEQLinear(6, init_scale=0.05) if kind == "linear" else P.PcDEQConv(6, init_scale=0.05)
+    )
+    pre = pre_injection(kind, n=6, batch=3, dtype=torch.float32).requires_grad_()
+    grads = []
+    for inside in (False, True):
+        block.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = (block(pre) ** 2).sum()
+            if inside:
+                loss.backward()
+        if not inside:
+            loss.backward()
+        grads.append([p.grad.clone() for p in block.parameters()])
+    for outside, inside in zip(*grads):
+        assert inside.dtype == torch.float32
+        torch.testing.assert_close(inside, outside, rtol=1e-6, atol=1e-7)
