@@ -137,8 +137,11 @@ def solve_implicit(
     if z0.dtype in _LOW_PRECISION:
         z0 = z0.float()
     warm_dtype = resolve_warm_start(config.warm_start, z0, f)
-    if zero_start is None:
-        zero_start = not bool(z0.any())
+    if zero_start is None:  # a pass over z0 (a synchronisation on a GPU) only where used
+        knows_image = isinstance(f, FixedPointMap) and (
+            type(f).image_of_zero is not FixedPointMap.image_of_zero
+        )
+        zero_start = (warm_dtype is not None or knows_image) and not bool(z0.any())
 
     with autocast_off(device_type):
         with torch.no_grad():
