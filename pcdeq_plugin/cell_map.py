@@ -124,10 +124,9 @@ class PcDEQCellMap(FixedPointMap):
         block, fn, dtype = self.block, self.fn, z_star.dtype
         slopes: dict[torch.dtype, torch.Tensor] = {}
         if from_output is not None:
-            a_value = out_value = z_star
 
             def first_slope() -> torch.Tensor:
-                return from_output(out_value)
+                return from_output(z_star)
 
             out = _LinearizedFixedPoint.apply(z_star, self.u, self.weight, block, weight, slopes)
         else:
