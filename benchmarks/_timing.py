@@ -7,6 +7,7 @@ by path (the tests) puts it there first.
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import statistics
@@ -20,11 +21,13 @@ import torch.nn.functional as F
 __all__ = [
     "INPUT_SHAPE",
     "NUM_CLASSES",
+    "all_threads",
     "cpu_model",
     "machine_description",
     "median_time",
     "mnist_workload",
     "synchronize",
+    "thread_settings",
     "timed",
 ]
 
@@ -53,6 +56,30 @@ def timed(fn: Callable[[], Any], device: torch.device) -> float:
 def median_time(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
     """Median of ``repeats`` timed calls of ``fn``."""
     return statistics.median(timed(fn, device) for _ in range(repeats))
+
+
+def all_threads() -> int:
+    """The CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def thread_settings(text: str) -> list[int]:
+    """``--threads`` values such as ``1,all``: distinct counts, ``all`` = :func:`all_threads`."""
+    values = []
+    for part in text.split(","):
+        part = part.strip()
+        if part == "all":
+            values.append(all_threads())
+        elif part.isdigit() and int(part) >= 1:
+            values.append(int(part))
+        else:
+            raise argparse.ArgumentTypeError(
+                f"threads must be integers >= 1 or 'all', got {part!r}"
+            )
+    return list(dict.fromkeys(values))  # 'all' may equal a number given too
 
 
 def cpu_model() -> str:

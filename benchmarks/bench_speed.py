@@ -29,7 +29,6 @@ never asserts on time. Example (the full table)::
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -51,17 +50,9 @@ from _speed_setup import (  # noqa: E402
     workload,
 )
 from _speed_timing import time_variants  # noqa: E402
-from _timing import cpu_model  # noqa: E402
+from _timing import all_threads, cpu_model, thread_settings  # noqa: E402
 
 from pcdeq_plugin import ConvergenceWarning  # noqa: E402
-
-
-def all_threads() -> int:
-    """The CPUs this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def bench_case(case: Case, args: argparse.Namespace, device: torch.device) -> tuple[list, list]:
@@ -155,21 +146,6 @@ def describe(device: torch.device, args: argparse.Namespace) -> str:
     )
 
 
-def _threads(text: str) -> list[int]:
-    values = []
-    for part in text.split(","):
-        part = part.strip()
-        if part == "all":
-            values.append(all_threads())
-        elif part.isdigit() and int(part) >= 1:
-            values.append(int(part))
-        else:
-            raise argparse.ArgumentTypeError(
-                f"threads must be integers >= 1 or 'all', got {part!r}"
-            )
-    return list(dict.fromkeys(values))  # 'all' may equal a number given too
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement")
@@ -180,7 +156,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="comma-separated pcDEQ model names, each optionally @CxHxW (default 1x28x28)",
     )
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--threads", type=_threads, default=[1], help="e.g. 1,all (default 1)")
+    parser.add_argument(
+        "--threads", type=thread_settings, default=[1], help="e.g. 1,all (default 1)"
+    )
     parser.add_argument("--warmup-steps", type=int, default=20, help="training steps first")
     parser.add_argument("--tol", type=float, default=1e-4, help="solver tolerance (all)")
     parser.add_argument("--test-samples", type=int, default=256, help="for the agreement")

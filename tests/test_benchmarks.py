@@ -307,3 +307,36 @@ def test_bench_speed_variants_share_weights_and_switch_one_option_each():
         differs = [f for f in plain if getattr(configs[name], f) != getattr(configs["ours"], f)]
         assert differs == [key] and getattr(configs[name], key) == plain[key]
     assert variants[0].is_paper and hasattr(variants[0].model.block, "paper_record")
+
+
+def test_bench_kernels_prints_each_section_with_the_answers_compared(capsys):
+    bench = load_script("bench_kernels")
+    sections = ["batchnorm", "maxpool", "softplus", "casts", "convs"]
+    results = bench.main(["--batch", "2", "--repeats", "1", "--sections", ",".join(sections)])
+    out = capsys.readouterr().out
+    assert list(results) == sections
+    for section in sections:
+        assert f"### {section}" in out
+        assert all(row["ms"] > 0 and row["threads"] == 1 for row in results[section])
+    # the separable pool is the native pool's values, exactly
+    assert all(row["rel"] == 0.0 for row in results["maxpool"])
+    assert {r["variant"] for r in results["batchnorm"]} >= {
+        "channels-last forward", "channels-last backward", "NCHW forward", "NCHW backward",
+    }  # fmt: skip
+    convs = {(r["state"], r["variant"]): r["rel"] for r in results["convs"]}
+    assert convs[("82 ch @ 28x28", "float32")] < 1e-5
+    assert convs[("82 ch @ 28x28", "bfloat16")] > 1e-4  # bfloat16 rounding, visibly
+    parts = [v for (_, name), v in convs.items() if name.startswith("three bfloat16 parts")]
+    assert all(v < 1e-4 for v in parts)  # float32-accurate where the mode exists
+    assert "minor page faults" in out
+
+
+def test_bench_kernels_rejects_bad_arguments(capsys):
+    bench = load_script("bench_kernels")
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--sections", "batchnorm,warp"])
+    assert "unknown section(s) warp; choose from batchnorm" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--repeats", "0"])
+    assert "--repeats must be >= 1" in capsys.readouterr().err
+    assert "epilogue" in bench.parse_args(["--compile"]).sections
