@@ -64,7 +64,10 @@ def median_ms(fn: Callable[[], Any], repeats: int, warmup: int = 3) -> float:
     return 1e3 * statistics.median(times)
 
 
-def _state(batch: int, channels: int, side: int, dtype: torch.dtype = torch.float32):
+def _state(
+    batch: int, channels: int, side: int, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """A reproducible random channels-last state."""
     generator = torch.Generator().manual_seed(channels * 1000 + side)
     x = torch.randn(batch, channels, side, side, generator=generator)
     return x.to(dtype).contiguous(memory_format=CL)
@@ -75,7 +78,9 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
 
 
-def _batchnorm_case(batch: int, channels: int, side: int, layout: str, repeats: int):
+def _batchnorm_case(
+    batch: int, channels: int, side: int, layout: str, repeats: int
+) -> list[dict[str, Any]]:
     fmt = CL if layout == "channels-last" else torch.contiguous_format
     x = _state(batch, channels, side).contiguous(memory_format=fmt).requires_grad_()
     grad = torch.randn_like(x)
@@ -221,13 +226,17 @@ def convs_rows(batch: int, repeats: int) -> list[dict[str, Any]]:
     return [r for c, s in ((12, 28), (82, 28)) for r in _conv_case(batch, c, s, repeats)]
 
 
-def _epilogue(a: torch.Tensor, u: torch.Tensor, z: torch.Tensor):
+def _epilogue(
+    a: torch.Tensor, u: torch.Tensor, z: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     image = torch.tanh(a + u)
     delta = image - z
     return image, delta.square().sum((1, 2, 3)), image.square().sum((1, 2, 3))
 
 
-def _epilogue_case(batch: int, channels: int, side: int, repeats: int, compiled: Any):
+def _epilogue_case(
+    batch: int, channels: int, side: int, repeats: int, compiled: Any
+) -> list[dict[str, Any]]:
     a, u, z = (_state(batch, channels, side) for _ in range(3))
     work = torch.empty_like(z)
     scratch = torch.empty_like(a)
@@ -314,6 +323,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, list[dict[str, Any]]]:
+    """Run the chosen sections at each thread setting; print and return their rows."""
     args = parse_args(argv)
     print(
         f"CPU {cpu_model()}, {all_threads()} threads available; torch {torch.__version__}; "
