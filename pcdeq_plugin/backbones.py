@@ -20,6 +20,7 @@ from torch import nn
 
 from .checks import all_finite, check_choice
 from .interface import ImplicitModel
+from .norms import LayoutBatchNorm2d
 from .pooling import SameMaxPool2d
 
 __all__ = [
@@ -130,6 +131,10 @@ class ConvBackbone(_Backbone):
         super().__init__(input_shape)
         self.memory_format = check_memory_format(memory_format)
 
+    def _batch_norm(self, channels: int) -> LayoutBatchNorm2d:
+        # under "auto" a small-channel BatchNorm may train in NCHW (see norms.py)
+        return LayoutBatchNorm2d(channels, auto_layout=self.memory_format == "auto")
+
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
         # Every later activation (cells, BatchNorm, pools, the solver's states) inherits
         # the layout. Applied to the input and again to the stem's output: a 1-channel
@@ -151,10 +156,10 @@ class SingleConvBackbone(ConvBackbone):
         super().__init__(input_shape, memory_format)
         channels, height, width_px = input_shape
         self.conv1 = nn.Conv2d(channels, width, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(width)
+        self.bn1 = self._batch_norm(width)
         self.block = cell((width, height, width_px), "block")
         self.max_pool = SameMaxPool2d()
-        self.bn2 = nn.BatchNorm2d(width)
+        self.bn2 = self._batch_norm(width)
         # the official AvgPool2d(8) (28 -> 3x3, 32 -> 4x4); smaller inputs pool what they have
         kernel = (min(8, height), min(8, width_px))
         self.avg_pool = nn.AvgPool2d(kernel)
@@ -198,17 +203,17 @@ class MultiConvBackbone(ConvBackbone):
         (h1, w1), (h2, w2), final = multi_conv_state_sizes(height, width_px)
         ch1, ch2, ch3 = widths
         self.conv1 = nn.Conv2d(channels, ch1, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(ch1)
+        self.bn1 = self._batch_norm(ch1)
         self.block1 = cell((ch1, h1, w1), "block1")
-        self.bn2 = nn.BatchNorm2d(ch1)
+        self.bn2 = self._batch_norm(ch1)
         self.downsample1 = nn.Conv2d(ch1, ch2, 3, stride=2)
-        self.bn3 = nn.BatchNorm2d(ch2)
+        self.bn3 = self._batch_norm(ch2)
         self.block2 = cell((ch2, h2, w2), "block2")
-        self.bn4 = nn.BatchNorm2d(ch2)
+        self.bn4 = self._batch_norm(ch2)
         self.downsample2 = nn.Conv2d(ch2, ch3, 3, stride=2)
-        self.bn5 = nn.BatchNorm2d(ch3)
+        self.bn5 = self._batch_norm(ch3)
         self.block3 = cell((ch3, *final), "block3")
-        self.bn6 = nn.BatchNorm2d(ch3)
+        self.bn6 = self._batch_norm(ch3)
         self.max_pool = SameMaxPool2d()
         # 28 -> 13 -> 6 and 32 -> 15 -> 7; the official AvgPool2d(4) then gives 1x1
         kernel = (min(4, final[0]), min(4, final[1]))
