@@ -17,6 +17,10 @@ channels of multi-conv, 16 for comparison, 82 of single-conv), one table per que
 * ``convs``: a 3x3 convolution in float32, in bfloat16, in oneDNN's
   ``fp32_precision="bf16"`` mode, and as three bfloat16 parts in that mode (``W_hi z_hi +
   W_hi z_lo + W_lo z_hi``, float32-accurate), with the relative error against float64;
+* ``stage``: in a training step of ``pcdeq-multi-conv-1`` (at initialisation), the
+  self time of its 12-channel stage's BatchNorms and layout copies (PyTorch profiler)
+  under ``memory_format="auto"`` (NCHW BatchNorm on several threads, see
+  :mod:`pcdeq_plugin.norms`) and forced ``"channels_last"``;
 * ``epilogue`` (only with ``--compile``; compiling takes seconds): ``tanh(a + u)``,
   ``f(z) - z`` and both per-sample norms as five eager operations against one
   ``torch.compile`` kernel.
@@ -45,7 +49,7 @@ from _timing import all_threads, cpu_model, thread_settings  # noqa: E402
 
 from pcdeq_plugin.pooling import separable_max_pool_3x3  # noqa: E402
 
-SECTIONS = ("batchnorm", "maxpool", "softplus", "casts", "convs", "epilogue")
+SECTIONS = ("batchnorm", "maxpool", "softplus", "casts", "convs", "stage", "epilogue")
 #: (channels, side) of the states timed: multi-conv's 12 @ 28 and 24 @ 13, 16 @ 28 for
 #: comparison, single-conv's 82 @ 28
 SHAPES: tuple[tuple[int, int], ...] = ((12, 28), (16, 28), (24, 13), (82, 28))
@@ -263,6 +267,46 @@ def epilogue_rows(batch: int, repeats: int) -> list[dict[str, Any]]:
     ]
 
 
+def _stage_norm_ms(memory_format: str, batch: int, repeats: int) -> float:
+    """Self ms per training step of the 12-channel stage's BatchNorms and layout copies."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from pcdeq_plugin import build_model
+
+    torch.manual_seed(0)
+    model = build_model("pcdeq-multi-conv-1", (1, 28, 28), 10, memory_format=memory_format)
+    model.train()
+    x, y = torch.rand(batch, 1, 28, 28), torch.arange(batch) % 10
+
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+
+    for _ in range(2):
+        step()
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(repeats):
+            step()
+    stage = f"[{batch}, 12, 28, 28]"
+    total = sum(
+        event.self_cpu_time_total
+        for event in prof.key_averages(group_by_input_shape=True)
+        if ("batch_norm" in event.key or event.key == "aten::copy_")
+        and str(event.input_shapes).replace(" ", "").startswith(f"[{stage}".replace(" ", ""))
+    )
+    return total / repeats / 1e3
+
+
+def stage_rows(batch: int, repeats: int) -> list[dict[str, Any]]:
+    """multi-conv-1's 12-channel BatchNorms in a training step, auto against channels-last."""
+    label = "multi-conv-1, 12-ch stage"
+    return [
+        {"state": label, "variant": f'memory_format="{fmt}": BatchNorm + copies (profiler)',
+         "ms": _stage_norm_ms(fmt, batch, max(2, repeats // 2))}
+        for fmt in ("auto", "channels_last")
+    ]  # fmt: skip
+
+
 RUNNERS: dict[str, Callable[[int, int], list[dict[str, Any]]]] = {
     "batchnorm": batchnorm_rows,
     "maxpool": maxpool_rows,
@@ -270,6 +314,7 @@ RUNNERS: dict[str, Callable[[int, int], list[dict[str, Any]]]] = {
     "casts": casts_rows,
     "convs": convs_rows,
     "epilogue": epilogue_rows,
+    "stage": stage_rows,
 }
 
 

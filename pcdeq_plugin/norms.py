@@ -9,9 +9,10 @@ on and gets slower, not faster, with a second thread (``benchmarks/bench_kernels
 backward 5.4 ms channels-last, against 0.73 and 0.40 ms in NCHW; one thread: 1.9 and 2.8
 against 2.1 and 0.8 ms, where the four layout copies eat the gain). The multi-conv nets'
 first stage has 12 channels: in a two-thread training step of ``pcdeq-multi-conv-1``
-(batch 64) its BatchNorms and their layout copies took 12.4 ms instead of 18.6 ms
-(profiler, 10 steps), about 5% of the step -- less than this machine's run-to-run noise
-end to end. Everywhere else, and with running statistics (evaluation) always, it is
+(batch 64) its BatchNorms and their layout copies take 10.3 ms instead of 17.3 ms
+(``bench_kernels.py --threads 1,all --repeats 20 --sections stage``: profiler self
+time, at initialisation), 5-7% of the step -- less than this machine's run-to-run
+noise end to end. Everywhere else, and with running statistics (evaluation) always, it is
 ``nn.BatchNorm2d`` unchanged.
 """
 
@@ -19,6 +20,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from .checks import check_flag
 
 __all__ = ["LayoutBatchNorm2d", "NCHW_BELOW_CHANNELS"]
 
@@ -34,11 +37,14 @@ class LayoutBatchNorm2d(nn.BatchNorm2d):
         auto_layout: Whether the layout may be switched (the backbone's ``"auto"``); a
             forced layout keeps every BatchNorm in it.
         **kwargs: ``nn.BatchNorm2d``'s.
+
+    Raises:
+        ArgumentError: ``auto_layout`` is not a bool.
     """
 
     def __init__(self, num_features: int, *, auto_layout: bool = True, **kwargs) -> None:
         super().__init__(num_features, **kwargs)
-        self.auto_layout = bool(auto_layout)
+        self.auto_layout = bool(check_flag("auto_layout", auto_layout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._uses_nchw(x):

@@ -311,7 +311,7 @@ def test_bench_speed_variants_share_weights_and_switch_one_option_each():
 
 def test_bench_kernels_prints_each_section_with_the_answers_compared(capsys):
     bench = load_script("bench_kernels")
-    sections = ["batchnorm", "maxpool", "softplus", "casts", "convs"]
+    sections = ["batchnorm", "maxpool", "softplus", "casts", "convs", "stage"]
     results = bench.main(["--batch", "2", "--repeats", "1", "--sections", ",".join(sections)])
     out = capsys.readouterr().out
     assert list(results) == sections

@@ -111,3 +111,8 @@ def test_training_step_is_the_forced_layouts_within_rounding():
     for a, b in zip(grads[0][1], grads[1][1]):
         # the solves stop within tol of slightly different fixed points: O(tol) apart
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
+def test_auto_layout_must_be_a_bool():
+    with pytest.raises(ValueError, match="auto_layout must be True or False"):
+        LayoutBatchNorm2d(12, auto_layout="no")
