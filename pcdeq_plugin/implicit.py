@@ -54,7 +54,7 @@ from .failure import enforce_failure_policy
 from .interface import BlockStats, FixedPointResult, SolverConfig
 from .maps import FixedPointMap, MapFn
 from .registry import FixedPointSolver, UnknownNameError, get_solver
-from .warm_start import resolve_warm_start, warm_iterate
+from .warm_start import refine_iterate, resolve_warm_start, warm_iterate
 
 __all__ = ["enforce_failure_policy", "make_solvers", "solve_implicit"]
 
@@ -236,6 +236,28 @@ class _CallableMap(FixedPointMap):
         return self.f(z)
 
 
+def _refine(
+    f: MapFn | FixedPointMap, z0: torch.Tensor, dtype: torch.dtype, *, tol: float, budget: int
+) -> tuple[torch.Tensor, int] | None:
+    """The refinement after a forward warm phase (:func:`~pcdeq_plugin.warm_start.refine_iterate`),
+    where the map offers one and the budget leaves room for its float32 evaluation, a
+    correction and the float32 solve's check.
+
+    Returns:
+        The float32 solve's start and the number of corrections, or ``None``.
+    """
+    if budget < 3 or not isinstance(f, FixedPointMap):
+        return None
+    if type(f).refinement is FixedPointMap.refinement:  # not offered
+        return None
+    return refine_iterate(
+        lambda rows: f.refinement(z0, dtype, rows),  # type: ignore[return-value]
+        z0.shape[0],
+        tol=tol,
+        max_iter=budget - 2,
+    )
+
+
 def _solve(
     solver: FixedPointSolver,
     f: MapFn,
@@ -250,10 +272,14 @@ def _solve(
 ) -> FixedPointResult:
     """One solve: an optional low-precision warm phase, then the solver in ``z0``'s dtype.
 
-    From zero, a map that knows ``f(0)`` starts there (one iteration, no evaluation). That
-    iteration and the warm phase's count against ``max_iter`` and are recorded in
-    ``stats.iterations``; the warm phase's also in ``stats.warm_iterations``. At
-    ``max_iter = 1`` neither applies: the solver alone decides the one iteration.
+    From zero, a map that knows ``f(0)`` starts there (one iteration, no evaluation).
+    After a warm phase, a map that offers a refinement (``config.warm_refine``) takes one
+    float32 evaluation and low-precision corrections around it
+    (:func:`~pcdeq_plugin.warm_start.refine_iterate`) before the solver. All of these
+    iterations count against ``max_iter`` and are recorded in ``stats.iterations``; the
+    warm phase's also in ``stats.warm_iterations``, the corrections' in
+    ``stats.refine_iterations``. At
+    ``max_iter = 1`` none applies: the solver alone decides the one iteration.
     """
     start = time.perf_counter()
     check_every = config.check_every
@@ -266,7 +292,7 @@ def _solve(
     if zero_start and isinstance(f, FixedPointMap) and max_iter > 1 and takes_image:
         image = f.image_of_zero()
     done = 0 if image is None else 1  # iterations before the warm phase
-    warm_iterations = 0
+    warm_iterations = corrections = 0
     if warm is not None and max_iter - done > 1:
         dtype, warm_fn = warm
         if image is not None:
@@ -285,6 +311,16 @@ def _solve(
         if project:  # rounding must not leave the orthant the guarantee lives in
             z0 = z0.clamp_min_(0)
         before = done + warm_iterations
+        refined = None
+        if config.warm_refine:
+            refined = _refine(f, z0, dtype, tol=tol, budget=max_iter - before)
+        if refined is not None:
+            z0, corrections = refined
+            if project:
+                z0 = z0.clamp_min_(0)
+            before += 1 + corrections  # the float32 evaluation at the warm state, and these
+            # the refinement predicts that the next evaluation meets tol: check it
+            check_every = 1 if config.check_every is None else check_every
         result = solver(f, z0, tol=tol, max_iter=max_iter - before, check_every=check_every)
     elif image is not None and getattr(solver, "starts_from_image_of_zero", False):
         # the solver counts iteration 1 and places its checks as from zero
@@ -305,6 +341,7 @@ def _solve(
             result.stats,
             iterations=result.stats.iterations + before,
             warm_iterations=warm_iterations,
+            refine_iterations=corrections,
             warm_dtype=str(warm[0]).replace("torch.", "") if warm_iterations else "",
             max_iter=max_iter,
             seconds=time.perf_counter() - start,

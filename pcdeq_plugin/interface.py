@@ -77,6 +77,8 @@ class SolveStats:
         solver: Name of the solver that produced the record.
         max_iter: The cap the solve ran under (``0`` where it does not apply).
         warm_iterations: Of ``iterations``, those run in low precision by a warm start.
+        refine_iterations: Of ``iterations``, the low-precision corrections made after the
+            warm phase (``SolverConfig.warm_refine``), which replace float32 iterations.
         warm_dtype: The warm start's precision (``"bfloat16"``, ``"float16"``), or ``""``.
     """
 
@@ -88,6 +90,7 @@ class SolveStats:
     solver: str = ""
     max_iter: int = 0
     warm_iterations: int = 0
+    refine_iterations: int = 0
     warm_dtype: str = ""
 
     @property
@@ -120,6 +123,7 @@ class SolveStats:
             "solver": self.solver,
             "max_iter": int(self.max_iter),
             "warm_iterations": int(self.warm_iterations),
+            "refine_iterations": int(self.refine_iterations),
             "max_residual": self.max_residual,
             "failed": self.num_failed,
             "batch": self.batch_size,
@@ -178,6 +182,11 @@ class SolverConfig:
             policy always come from the full-precision phase.
         warm_tol: Residual at which the warm phase hands over to full precision (it also
             stops at the low precision's floor).
+        warm_refine: After the warm phase, a map that offers it (pcDEQ cells) takes one
+            full-precision evaluation and iterates low-precision corrections around it
+            until the next full-precision evaluation should meet ``tol``
+            (:func:`pcdeq_plugin.warm_start.refine_iterate`); ``False`` hands the warm
+            state straight to the full-precision solve.
         adjoint: Where ``J^T y`` comes from: ``"auto"`` (the map's analytic adjoint where it
             has one, as pcDEQ cells do, else autograd), ``"analytic"`` or ``"autograd"``.
         reuse_step_graph: The autograd adjoint differentiates the graph of the one
@@ -196,6 +205,7 @@ class SolverConfig:
     solver_options: dict = field(default_factory=dict)
     warm_start: str = "auto"
     warm_tol: float = 4e-3
+    warm_refine: bool = True
     adjoint: str = "auto"
     reuse_step_graph: bool = True
 
@@ -215,6 +225,7 @@ class SolverConfig:
         check_choice("on_failure", self.on_failure, FAILURE_POLICIES)
         check_choice("warm_start", self.warm_start, WARM_START_CHOICES)
         check_positive("warm_tol", self.warm_tol)
+        check_flag("warm_refine", self.warm_refine)
         check_choice("adjoint", self.adjoint, ADJOINT_CHOICES)
         check_flag("reuse_step_graph", self.reuse_step_graph)
         if not isinstance(self.solver_options, Mapping) or not all(

@@ -13,6 +13,10 @@ A plain callable ``f(z)`` is enough for :func:`solve_implicit`. A map that subcl
   the backward solve needs no autograd round trip and no second evaluation.
 * :meth:`FixedPointMap.image_of_zero` -- ``f(0)`` without an evaluation (pcDEQ cells:
   ``sigma(u)``), so a solve from zero saves its first linear map.
+* :meth:`FixedPointMap.refinement` -- after the warm phase, one full-precision
+  evaluation and a cheap corrected map around it (pcDEQ cells: the low-precision product
+  carries only ``z - base``), so the iterations between the warm phase and the last
+  float32 check cost low-precision ones.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ __all__ = [
     "LinearizedStep",
     "MIN_WARM_START_ELEMENTS",
     "MapFn",
+    "RefinedMap",
 ]
 
 MapFn = Callable[[torch.Tensor], torch.Tensor]
@@ -35,6 +40,10 @@ MapFn = Callable[[torch.Tensor], torch.Tensor]
 #: arithmetic, and the casts of a low-precision warm start cost more than they save
 #: (measured on the linear pcDEQ nets: 64 x 80 states).
 MIN_WARM_START_ELEMENTS = 1 << 16
+
+#: ``(z, out) -> f~(z)``: a refinement's corrected map, written into ``out`` (a buffer
+#: shaped like ``z`` that does not overlap it) and returned
+RefinedMap = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 #: ``grad -> (y -> J^T y + grad)``: the adjoint map for one incoming gradient
 AdjointMapFactory = Callable[[torch.Tensor], MapFn]
@@ -66,6 +75,20 @@ class FixedPointMap:
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def refinement(
+        self, base: torch.Tensor, dtype: torch.dtype, rows: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, RefinedMap] | None:
+        """``f(base)`` in ``base``'s precision and a cheap map for iterates near ``base``.
+
+        The cheap map ``corrected(z, out)`` may compute the part of ``f`` that depends on
+        ``z - base`` in the low precision ``dtype``; near ``base`` that part is small, so
+        its rounding error is small too (iterative refinement). ``rows`` (an index tensor)
+        restricts both to those samples of the batch. Only ever used between the warm
+        phase and the full-precision solve, whose checks use ``f`` itself
+        (:func:`pcdeq_plugin.warm_start.refine_iterate`). Default ``None``: not offered.
+        """
+        return None
 
     def in_precision(self, dtype: torch.dtype) -> MapFn:
         """The map evaluated in ``dtype`` (default: the map under ``torch.autocast``)."""

@@ -190,7 +190,7 @@ def build_pcdeq(
             ``"channels_last"``, ``"contiguous"``, see :func:`resolve_memory_format`);
             solver options: every :class:`~pcdeq_plugin.SolverConfig` field (``solver``,
             ``tol``, ``max_iter``, ``backward_*``, ``check_every``, ``on_failure``,
-            ``solver_options``, ``warm_start``, ``warm_tol``, ``adjoint``,
+            ``solver_options``, ``warm_start``, ``warm_tol``, ``warm_refine``, ``adjoint``,
             ``reuse_step_graph``).
 
     Raises:

@@ -15,6 +15,15 @@ converges to the same point; the warm start can only save iterations. The adjoin
 iteration ``y <- J^T y + g`` is linear with spectral radius of ``J`` below 1, a
 contraction that converges from any start, so its warm start is equally harmless.
 
+After the warm phase, a map that offers it (:meth:`FixedPointMap.refinement
+<pcdeq_plugin.maps.FixedPointMap.refinement>`, pcDEQ cells) takes one float32
+evaluation at the warm state and iterates a corrected map around it whose low-precision
+part only carries the small change ``z - base`` (:func:`refine_iterate`), until the next
+float32 evaluation is predicted to meet ``tol``. Where plain float32 iteration would need
+three or more evaluations after the warm phase, all but two become low-precision ones;
+where it needs two (the minimum: one to leave the low precision's rounding, one to
+check), nothing changes. The float32 solve then checks as always.
+
 Why it is not the default for an unconstrained DEQ: a general map may have several
 fixed points or none, and iteration may converge only from some starts; a rounded
 warm start can land in another basin or where the iteration diverges. ``"auto"``
@@ -27,18 +36,20 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 
 import torch
 
 from .checks import check_choice
 from .interface import WARM_START_CHOICES
-from .maps import FixedPointMap, MapFn
-from .residuals import residual_norms, work_buffer
+from .maps import FixedPointMap, MapFn, RefinedMap
+from .residuals import RESIDUAL_EPS, residual_norms, work_buffer
 
 __all__ = [
     "LOW_PRECISION",
     "WARM_START_CHOICES",
     "has_fast_bf16",
+    "refine_iterate",
     "resolve_warm_start",
     "warm_iterate",
 ]
@@ -125,7 +136,7 @@ def warm_iterate(
         fz = fn(z)
         if k >= next_check:
             diff, image = residual_norms(fz, z, work)
-            worst = float((diff / (image + 1e-8)).max())  # one synchronisation
+            worst = float((diff / (image + RESIDUAL_EPS)).max())  # one synchronisation
             if not worst >= tol:  # NaN stops too
                 return fz, k - done
             next_check = k + 1
@@ -138,3 +149,74 @@ def warm_iterate(
             last = (k, worst)
         z = fz
     return z, k - done
+
+
+#: Samples the refinement's probe iterates (evenly spread over the batch; samples
+#: converge together, so a few speak for all, at a small fraction of one evaluation).
+PROBE_SAMPLES = 2
+
+#: The probe asks the corrected iterations for this fraction of ``tol``, so that samples
+#: it did not see, a little slower, still meet ``tol`` at the float32 check.
+PROBE_MARGIN = 0.7
+
+#: ``rows -> (f(base) of those samples, corrected map)``: a map's refinement at the warm
+#: state (``rows=None``: the whole batch)
+Refinement = Callable[["torch.Tensor | None"], "tuple[torch.Tensor, RefinedMap]"]
+
+
+def _worst_residual(fz: torch.Tensor, z: torch.Tensor) -> float:
+    diff, image = residual_norms(fz, z)
+    return float((diff / (image + RESIDUAL_EPS)).max())  # one synchronisation
+
+
+def refine_iterate(
+    refinement: Refinement, batch: int, *, tol: float, max_iter: int
+) -> tuple[torch.Tensor, int] | None:
+    """Low-precision corrections after the warm phase, where they replace float32 iterations.
+
+    After the warm phase plain float32 iteration evaluates ``f`` at the warm state (its
+    rounding, about 2e-3 in bfloat16, must go) and then until a check meets ``tol``. A
+    refinement (:meth:`FixedPointMap.refinement
+    <pcdeq_plugin.maps.FixedPointMap.refinement>`) keeps that first evaluation and makes
+    the iterations after it corrections, whose low-precision part only carries the small
+    change from the warm state. How many are needed is measured first on
+    :data:`PROBE_SAMPLES` samples: their corrected iterates until the residual is below
+    ``PROBE_MARGIN * tol`` (at most ``max_iter``). If the first float32 image already meets
+    ``tol`` there, or the corrections stall (rate above :data:`STALL_RATIO`: their floor)
+    or turn non-finite, nothing is done (``None``): plain float32 iteration follows, as
+    without a refinement. Otherwise the whole batch takes the float32 evaluation and
+    that many corrections, with no check in between. A misprediction costs iterations,
+    never answers: the float32 solve's checks decide.
+
+    Args:
+        refinement: The map's refinement at the warm state, by sample rows.
+        batch: The batch size.
+        tol: The float32 solve's tolerance.
+        max_iter: The most corrections to make.
+
+    Returns:
+        The iterate to start the float32 solve from (checked at its first evaluation) and
+        the number of corrections made, or ``None``.
+    """
+    rows = torch.linspace(0, batch - 1, min(PROBE_SAMPLES, batch)).round().long().unique()
+    z, corrected = refinement(rows)
+    spare = torch.empty_like(z)
+    needed, last = None, None
+    for k in range(max_iter + 1):  # z holds the iterate after k corrections
+        fz = corrected(z, spare)
+        residual = _worst_residual(fz, z)  # of z
+        if not math.isfinite(residual):
+            return None
+        if residual < (tol if k == 0 else PROBE_MARGIN * tol):
+            needed = k
+            break
+        if last is not None and not residual < STALL_RATIO * last:
+            return None
+        z, spare, last = fz, z, residual
+    if not needed:  # None (cap) or 0 (the first float32 image meets tol)
+        return None
+    z, corrected = refinement(None)
+    spare = torch.empty_like(z)
+    for _ in range(needed):
+        z, spare = corrected(z, spare), z
+    return z, needed

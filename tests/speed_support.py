@@ -23,42 +23,62 @@ VARIANT_OF_KIND = {kind: variant for variant, kind in VARIANT_KINDS.items()}
 
 @dataclass(frozen=True)
 class Call:
-    """One recorded call: the state's dtype, the grad mode, and whether it is channels-last."""
+    """One recorded call: the state's dtype, the grad mode, whether it is channels-last,
+    and its batch size (the refinement's probe evaluates a few samples)."""
 
     dtype: torch.dtype
     grad_enabled: bool
     channels_last: bool
+    batch: int = 0
 
 
 @dataclass
 class CallLog:
-    """Calls of a block's map (``cell``) and of its analytic adjoint map (``adjoint``)."""
+    """Calls of a block's map (``cell``), of its analytic adjoint map (``adjoint``), and of
+    its linear map outside the map (``correction``: the refinement's corrected map)."""
 
     cell: list[Call] = field(default_factory=list)
     adjoint: list[Call] = field(default_factory=list)
+    correction: list[Call] = field(default_factory=list)
 
     def clear(self) -> None:
         self.cell.clear()
         self.adjoint.clear()
+        self.correction.clear()
 
-    def count(self, which: str, dtype: torch.dtype | None = None) -> int:
+    def count(self, which: str, dtype: torch.dtype | None = None, batch: int | None = None) -> int:
         calls = getattr(self, which)
-        return sum(1 for c in calls if dtype is None or c.dtype == dtype)
+        return sum(
+            1
+            for c in calls
+            if (dtype is None or c.dtype == dtype) and (batch is None or c.batch == batch)
+        )
 
 
 def _record(calls: list[Call], z: torch.Tensor) -> None:
     channels_last = z.dim() == 4 and z.is_contiguous(memory_format=torch.channels_last)
-    calls.append(Call(z.dtype, torch.is_grad_enabled(), channels_last))
+    calls.append(Call(z.dtype, torch.is_grad_enabled(), channels_last, z.shape[0]))
 
 
 def instrument(block: PcDEQBlock) -> CallLog:
     """Record every evaluation of ``block``'s map and of its analytic adjoint (in place)."""
     log = CallLog()
     pre_activation, adjoint_map = block.pre_activation, block.adjoint_map
+    linear_map = block.linear_map
+    inside = [False]  # a linear map inside pre_activation is part of that evaluation
 
     def counted_pre_activation(z, u, operand):
         _record(log.cell, z)
-        return pre_activation(z, u, operand)
+        inside[0] = True
+        try:
+            return pre_activation(z, u, operand)
+        finally:
+            inside[0] = False
+
+    def counted_linear_map(z, weight=None):
+        if not inside[0]:
+            _record(log.correction, z)
+        return linear_map(z, weight)
 
     def counted_adjoint_map(slope, weight, grad):
         inner = adjoint_map(slope, weight, grad)
@@ -72,6 +92,7 @@ def instrument(block: PcDEQBlock) -> CallLog:
     # instance attributes shadow the methods the cell map looks up on the block
     block.pre_activation = counted_pre_activation
     block.adjoint_map = counted_adjoint_map
+    block.linear_map = counted_linear_map
     return log
 
 

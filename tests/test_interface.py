@@ -92,6 +92,7 @@ def test_solve_stats_summary_and_block_stats() -> None:
         "solver": "fixed_point",
         "max_iter": 7,
         "warm_iterations": 0,
+        "refine_iterations": 0,
         "max_residual": math.inf,
         "failed": 1,
         "batch": 2,

@@ -119,8 +119,12 @@ def test_evaluation_costs_the_iterations_and_nothing_more(kind: str, warm_start:
         z = block(pre)
     stats = block.last_stats.forward
     assert stats.iterations > 3 and stats.all_converged
-    # both phases, no differentiable step; the first iteration from zero is sigma(u)
-    assert log.count("cell") == stats.iterations - 1
+    # both phases, no differentiable step; the first iteration from zero is sigma(u); the
+    # refinement's corrections are linear maps of the whole batch, its probe evaluates
+    # at most one exact image and a few corrections of two samples
+    assert log.count("cell", batch=3) == stats.iterations - 1 - stats.refine_iterations
+    assert log.count("correction", batch=3) == stats.refine_iterations
+    assert log.count("cell", batch=2) <= 1
     assert log.count("cell", torch.bfloat16) == stats.warm_iterations
     assert (stats.warm_iterations > 0) == (warm_start == "bf16")
     assert saved == 0

@@ -20,11 +20,19 @@ LOW = {"bf16": torch.bfloat16, "fp16": torch.float16}
 TOL = 1e-4
 
 
-def _train_step(warm: str, activation: str, solver: str, seed: int = 0):
-    """One forward/backward of a float32 conv block; its gradients, records and call log."""
+def _train_step(warm: str, activation: str, solver: str, seed: int = 0, refine: bool = False):
+    """One forward/backward of a float32 conv block; its gradients, records and call log.
+
+    The refinement after the warm phase is off unless asked for: these tests count the
+    warm phase's evaluations (tests/test_warm_refine.py counts the corrections)."""
     torch.manual_seed(seed)
     config = P.SolverConfig(
-        solver=solver, tol=TOL, max_iter=60, warm_start=warm, on_failure="raise"
+        solver=solver,
+        tol=TOL,
+        max_iter=60,
+        warm_start=warm,
+        warm_refine=refine,
+        on_failure="raise",
     )
     block = PcDEQConv(8, activation=activation, init_scale=0.02, config=config)
     log = instrument(block)
