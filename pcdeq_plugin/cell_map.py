@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .autocast import autocast_off
-from .maps import FixedPointMap, LinearizedStep, MapFn, RefinedMap
+from .maps import FixedPointMap, LinearizedStep, MapFn, RefinedMap, RefinementFn
 
 if TYPE_CHECKING:  # the block imports this module
     from .cells import PcDEQBlock
@@ -179,7 +179,32 @@ class PcDEQCellMap(FixedPointMap):
         def adjoint_in(precision: torch.dtype, grad: torch.Tensor) -> MapFn:
             return block.adjoint_map(slope(precision), weight.to(precision), grad.to(precision))
 
-        return LinearizedStep(out, adjoint, adjoint_in)
+        def adjoint_refinement(grad: torch.Tensor) -> RefinementFn:
+            """``y -> b + W_low^T (sigma'(a) * (y - base))_low`` with ``b = W^T (sigma'(a) *
+            base) + grad`` from one float32 iteration: the adjoint map is affine, so only
+            the low-precision product of the small change is rounded."""
+
+            def refinement(
+                base: torch.Tensor, precision: torch.dtype, rows: torch.Tensor | None
+            ) -> tuple[torch.Tensor, RefinedMap]:
+                full, low_slope, g = slope(dtype), slope(precision), grad
+                if rows is not None:
+                    base, g = base.index_select(0, rows), g.index_select(0, rows)
+                    full, low_slope = full.index_select(0, rows), low_slope.index_select(0, rows)
+                offset = block.adjoint_map(full, weight, g)(base)
+                low_weight = weight.to(precision)
+                low = torch.empty_like(base, dtype=precision)
+
+                def corrected(y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+                    low.copy_(torch.sub(y, base, out=out)).mul_(low_slope)
+                    return out.copy_(block.transposed_map(low, low_weight)).add_(offset)
+
+                # the iterate is a copy: the caller reuses iterates' memory as buffers
+                return offset.clone(), corrected
+
+            return refinement
+
+        return LinearizedStep(out, adjoint, adjoint_in, adjoint_refinement)
 
 
 class _LinearizedFixedPoint(torch.autograd.Function):

@@ -52,7 +52,7 @@ from .adjoint import differentiable_step
 from .autocast import autocast_off
 from .failure import enforce_failure_policy
 from .interface import BlockStats, FixedPointResult, SolverConfig
-from .maps import FixedPointMap, MapFn
+from .maps import FixedPointMap, MapFn, RefinementFn
 from .registry import FixedPointSolver, UnknownNameError, get_solver
 from .warm_start import refine_iterate, resolve_warm_start, warm_iterate
 
@@ -155,6 +155,7 @@ def solve_implicit(
                 _warm_map(f, warm_dtype),
                 project=True,
                 zero_start=zero_start,
+                refinement=_offered_refinement(f),
             )
         if stats is not None:
             stats.forward = result.stats
@@ -172,6 +173,7 @@ def solve_implicit(
     # whose own hook keeps it alive forms a cycle through autograd's C++ graph that
     # Python's garbage collector cannot see, and every training step would leak it.
     z, adjoint, adjoint_in = step.output, step.adjoint, step.adjoint_in
+    adjoint_refinement = step.adjoint_refinement
     del step
     reentrant = [False]  # a VJP through the step's graph must not re-enter this hook
 
@@ -187,9 +189,11 @@ def solve_implicit(
         try:
             with autocast_off(device_type):
                 adjoint_map = adjoint(grad)
-                warm = None
+                warm = refinement = None
                 if adjoint_in is not None and warm_dtype is not None:
                     warm = (warm_dtype, adjoint_in(warm_dtype, grad))
+                    if adjoint_refinement is not None:
+                        refinement = adjoint_refinement(grad)
                 result_b = _solve(
                     backward_solver,
                     adjoint_map,
@@ -199,6 +203,7 @@ def solve_implicit(
                     config,
                     warm,
                     project=False,
+                    refinement=refinement,
                 )
         finally:
             reentrant[0] = False
@@ -236,22 +241,27 @@ class _CallableMap(FixedPointMap):
         return self.f(z)
 
 
+def _offered_refinement(f: MapFn | FixedPointMap) -> RefinementFn | None:
+    """``f.refinement`` where ``f`` offers one (:meth:`FixedPointMap.refinement`)."""
+    if isinstance(f, FixedPointMap) and type(f).refinement is not FixedPointMap.refinement:
+        return f.refinement
+    return None
+
+
 def _refine(
-    f: MapFn | FixedPointMap, z0: torch.Tensor, dtype: torch.dtype, *, tol: float, budget: int
+    refinement: RefinementFn, z0: torch.Tensor, dtype: torch.dtype, *, tol: float, budget: int
 ) -> tuple[torch.Tensor, int] | None:
-    """The refinement after a forward warm phase (:func:`~pcdeq_plugin.warm_start.refine_iterate`),
-    where the map offers one and the budget leaves room for its float32 evaluation, a
-    correction and the float32 solve's check.
+    """The refinement after a warm phase (:func:`~pcdeq_plugin.warm_start.refine_iterate`)
+    where the budget leaves room for its float32 evaluation, a correction and the float32
+    solve's check.
 
     Returns:
         The float32 solve's start and the number of corrections, or ``None``.
     """
-    if budget < 3 or not isinstance(f, FixedPointMap):
-        return None
-    if type(f).refinement is FixedPointMap.refinement:  # not offered
+    if budget < 3:
         return None
     return refine_iterate(
-        lambda rows: f.refinement(z0, dtype, rows),  # type: ignore[return-value]
+        lambda rows: refinement(z0, dtype, rows),  # type: ignore[return-value]
         z0.shape[0],
         tol=tol,
         max_iter=budget - 2,
@@ -269,12 +279,14 @@ def _solve(
     *,
     project: bool,
     zero_start: bool = False,
+    refinement: RefinementFn | None = None,
 ) -> FixedPointResult:
     """One solve: an optional low-precision warm phase, then the solver in ``z0``'s dtype.
 
     From zero, a map that knows ``f(0)`` starts there (one iteration, no evaluation).
-    After a warm phase, a map that offers a refinement (``config.warm_refine``) takes one
-    float32 evaluation and low-precision corrections around it
+    After a warm phase, a ``refinement`` (the forward map's own, or the adjoint's from the
+    linearized step; ``config.warm_refine``) takes one float32 evaluation and
+    low-precision corrections around it
     (:func:`~pcdeq_plugin.warm_start.refine_iterate`) before the solver. All of these
     iterations count against ``max_iter`` and are recorded in ``stats.iterations``; the
     warm phase's also in ``stats.warm_iterations``, the corrections' in
@@ -312,8 +324,8 @@ def _solve(
             z0 = z0.clamp_min_(0)
         before = done + warm_iterations
         refined = None
-        if config.warm_refine:
-            refined = _refine(f, z0, dtype, tol=tol, budget=max_iter - before)
+        if config.warm_refine and refinement is not None:
+            refined = _refine(refinement, z0, dtype, tol=tol, budget=max_iter - before)
         if refined is not None:
             z0, corrections = refined
             if project:

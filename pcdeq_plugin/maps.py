@@ -33,6 +33,7 @@ __all__ = [
     "MIN_WARM_START_ELEMENTS",
     "MapFn",
     "RefinedMap",
+    "RefinementFn",
 ]
 
 MapFn = Callable[[torch.Tensor], torch.Tensor]
@@ -42,8 +43,16 @@ MapFn = Callable[[torch.Tensor], torch.Tensor]
 MIN_WARM_START_ELEMENTS = 1 << 16
 
 #: ``(z, out) -> f~(z)``: a refinement's corrected map, written into ``out`` (a buffer
-#: shaped like ``z`` that does not overlap it) and returned
+#: shaped like ``z`` that does not overlap it) and returned. The caller reuses earlier
+#: iterates' memory as ``out``, the first iterate's included, so the map must not keep
+#: a reference to any iterate it returned or was given.
 RefinedMap = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+#: ``(base, dtype, rows) -> (f(base), corrected)``: a refinement around ``base`` (see
+#: :meth:`FixedPointMap.refinement`), or ``None`` where none is offered
+RefinementFn = Callable[
+    [torch.Tensor, torch.dtype, "torch.Tensor | None"], "tuple[torch.Tensor, RefinedMap] | None"
+]
 
 #: ``grad -> (y -> J^T y + grad)``: the adjoint map for one incoming gradient
 AdjointMapFactory = Callable[[torch.Tensor], MapFn]
@@ -59,11 +68,15 @@ class LinearizedStep:
         adjoint: ``adjoint(grad)`` returns the map ``y -> J^T y + grad`` (no graph).
         adjoint_in: ``adjoint_in(dtype, grad)`` returns the same map evaluated in a low
             precision ``dtype`` (for the warm start of the backward solve), or ``None``.
+        adjoint_refinement: ``adjoint_refinement(grad)`` returns the adjoint map's
+            refinement (a :data:`RefinementFn`, see :meth:`FixedPointMap.refinement`) for
+            the iterations after the backward warm phase, or ``None``.
     """
 
     output: torch.Tensor
     adjoint: AdjointMapFactory
     adjoint_in: Callable[[torch.dtype, torch.Tensor], MapFn] | None = None
+    adjoint_refinement: Callable[[torch.Tensor], RefinementFn] | None = None
 
 
 class FixedPointMap:

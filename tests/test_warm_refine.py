@@ -59,6 +59,29 @@ def test_refinement_is_the_map_at_its_base_and_close_to_it_nearby(kind: str) -> 
         assert torch.allclose(out_rows, out[rows], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+def test_adjoint_refinement_is_the_adjoint_at_its_base_and_close_to_it_nearby(kind: str) -> None:
+    cell_map, z_star = _cell_map(kind)
+    step = cell_map.linearized_step(z_star)
+    grad = torch.randn(z_star.shape, generator=torch.Generator().manual_seed(3))
+    adjoint = step.adjoint(grad)
+    with torch.no_grad():
+        base = adjoint(adjoint(grad))  # two adjoint iterations from the gradient
+        image, corrected = step.adjoint_refinement(grad)(base, torch.bfloat16, None)
+        assert torch.equal(image, adjoint(base))
+        exact = adjoint(image)
+        out = corrected(image, torch.empty_like(image))
+        fraction = rel_err(image, base)
+        assert 0 < fraction < 0.5
+        assert rel_err(out, exact) < 2**-7 * fraction + 1e-6
+        # the iterate it returned is its own memory: reusing it as a buffer is safe
+        again = corrected(out, image)
+        assert rel_err(again, adjoint(exact)) < 2**-7 * fraction + 1e-5
+        rows = torch.tensor([1])
+        image_rows, _ = step.adjoint_refinement(grad)(base, torch.bfloat16, rows)
+        assert torch.allclose(image_rows, adjoint(base)[rows], rtol=1e-5, atol=1e-6)
+
+
 def _affine_refinement(rate: float, floor: float = 0.0, nan: bool = False):
     """A refinement of ``f(z) = rate z + c`` around ``base = 0`` whose corrected map adds
     fresh random relative errors of size ``floor`` at every call (a rounding floor), or
@@ -164,7 +187,10 @@ def test_refinement_keeps_the_gradients() -> None:
         weights = torch.randn(z.shape, generator=torch.Generator().manual_seed(2))
         (z * weights).sum().backward()
         grads[refine] = [pre.grad, *(p.grad for p in block.parameters())]
+        # the forward and the adjoint solve both replace a float32 iteration here
         assert (block.last_stats.forward.refine_iterations > 0) == refine
+        assert (block.last_stats.backward.refine_iterations > 0) == refine
+        assert block.last_stats.backward.all_converged
     for got, want in zip(grads[True], grads[False]):
         assert rel_err(got, want) < 20 * TOL
 
