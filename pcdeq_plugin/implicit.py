@@ -265,6 +265,7 @@ def _refine(
         z0.shape[0],
         tol=tol,
         max_iter=budget - 2,
+        device=z0.device,
     )
 
 

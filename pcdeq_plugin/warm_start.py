@@ -170,7 +170,12 @@ def _worst_residual(fz: torch.Tensor, z: torch.Tensor) -> float:
 
 
 def refine_iterate(
-    refinement: Refinement, batch: int, *, tol: float, max_iter: int
+    refinement: Refinement,
+    batch: int,
+    *,
+    tol: float,
+    max_iter: int,
+    device: torch.device | str = "cpu",
 ) -> tuple[torch.Tensor, int] | None:
     """Low-precision corrections after the warm phase, where they replace float32 iterations.
 
@@ -193,12 +198,14 @@ def refine_iterate(
         batch: The batch size.
         tol: The float32 solve's tolerance.
         max_iter: The most corrections to make.
+        device: The state's device (where the probe's sample indices go).
 
     Returns:
         The iterate to start the float32 solve from (checked at its first evaluation) and
         the number of corrections made, or ``None``.
     """
     rows = torch.linspace(0, batch - 1, min(PROBE_SAMPLES, batch)).round().long().unique()
+    rows = rows.to(device)
     z, corrected = refinement(rows)
     spare = torch.empty_like(z)
     needed, last = None, None
