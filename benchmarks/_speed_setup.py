@@ -61,12 +61,18 @@ DEFAULT_CASES: tuple[str, ...] = (
     "pcdeq-single-conv-1@3x32x32",
 )
 #: solver options (SolverConfig fields) that switch a speed feature off
-_PLAIN_SOLVER = {"warm_start": "off", "adjoint": "autograd", "reuse_step_graph": False}
+_PLAIN_SOLVER = {
+    "warm_start": "off",
+    "warm_refine": False,
+    "adjoint": "autograd",
+    "reuse_step_graph": False,
+}
 #: conv-network option that forces the NCHW layout
 _PLAIN_LAYOUT = {"memory_format": "contiguous"}
 #: ablation variant -> the one option it forces off
 ABLATIONS: dict[str, str] = {
     "ours-no-warm-start": "warm_start",
+    "ours-no-refinement": "warm_refine",
     "ours-autograd-adjoint": "adjoint",
     "ours-two-evaluations": "reuse_step_graph",
     "ours-nchw": "memory_format",
@@ -255,7 +261,8 @@ def build_variants(
     else:
         notes.append(
             f"{case.label}: ours-plain skipped: this pcdeq_plugin has none of the speed "
-            "options (SolverConfig.warm_start/adjoint/reuse_step_graph, memory_format), so "
+            "options (SolverConfig.warm_start/warm_refine/adjoint/reuse_step_graph, "
+            "memory_format), so "
             "it equals ours"
         )
     ours_options = dict(ours_options)
