@@ -16,33 +16,52 @@ from _timing import timed
 __all__ = ["time_variants"]
 
 
-def _warm(stats: list[Any]) -> int | None:
-    """Iterations run in the low-precision warm start, where the library records them."""
-    counts = [getattr(s, "warm_iterations", None) for s in stats]
+def _counted(stats: list[Any], field: str) -> int | None:
+    """A per-solve count the library records (warm, refinement), summed over blocks."""
+    counts = [getattr(s, field, None) for s in stats]
     return None if all(c is None for c in counts) else sum(c or 0 for c in counts)
+
+
+def _phase(prefix: str, stats: list[Any]) -> dict[str, int | None]:
+    return {
+        prefix: sum(s.iterations for s in stats),
+        f"{prefix}_warm": _counted(stats, "warm_iterations"),
+        f"{prefix}_corr": _counted(stats, "refine_iterations"),
+    }
+
+
+def _none(*prefixes: str, total: int | None = 0) -> dict[str, int | None]:
+    out: dict[str, int | None] = {}
+    for prefix in prefixes:
+        out.update({prefix: total, f"{prefix}_warm": None, f"{prefix}_corr": None})
+    return out
 
 
 def _iterations(variant: Variant) -> dict[str, int | None]:
     """Forward and backward iterations of the latest training step (summed over blocks),
-    and of those the warm start's."""
+    and of those the warm start's and the refinement's corrections."""
     if variant.is_bound:  # no solves
-        return {"fwd": 0, "bwd": 0, "fwd_warm": None, "bwd_warm": None}
+        return _none("fwd", "bwd")
     if variant.is_paper:
         records = paper_records(variant.model)
-        return {
-            "fwd": sum(r.forward_iterations for r in records),
-            "bwd": sum(r.backward_iterations or 0 for r in records),
-            "fwd_warm": None,
-            "bwd_warm": None,
-        }
+        out = _none("fwd", "bwd")
+        out["fwd"] = sum(r.forward_iterations for r in records)
+        out["bwd"] = sum(r.backward_iterations or 0 for r in records)
+        return out
     forward = [s.forward for s in variant.model.solver_stats() if s.forward is not None]
     backward = [s.backward for s in variant.model.solver_stats() if s.backward is not None]
-    return {
-        "fwd": sum(s.iterations for s in forward),
-        "bwd": sum(s.iterations for s in backward),
-        "fwd_warm": _warm(forward),
-        "bwd_warm": _warm(backward),
-    }
+    return {**_phase("fwd", forward), **_phase("bwd", backward)}
+
+
+def _eval_iterations(variant: Variant) -> dict[str, int | None]:
+    """Forward iterations of the latest evaluation forward (summed over blocks)."""
+    if variant.is_bound:
+        return _none("eval")
+    if variant.is_paper:
+        out = _none("eval")
+        out["eval"] = sum(r.forward_iterations for r in paper_records(variant.model))
+        return out
+    return _phase("eval", [s.forward for s in variant.model.solver_stats() if s.forward])
 
 
 def _train_step(variant: Variant) -> Callable[[tuple[torch.Tensor, torch.Tensor]], None]:
@@ -91,13 +110,14 @@ def time_variants(
             timings[variant.name]["train"].append(timed(step, device))
             counts[variant.name].append(_iterations(variant))
             timings[variant.name]["eval"].append(timed(evals[variant.name], device))
+            counts[variant.name][-1].update(_eval_iterations(variant))
     out = {}
     for name, t in timings.items():
         row: dict[str, Any] = {
             "train_ms": 1e3 * statistics.median(t["train"]),
             "eval_ms": 1e3 * statistics.median(t["eval"]),
         }
-        for key in ("fwd", "bwd", "fwd_warm", "bwd_warm"):
+        for key in counts[name][0]:
             values = [c[key] for c in counts[name] if c[key] is not None]
             row[f"{key}_it"] = statistics.median(values) if values else None
         out[name] = row

@@ -13,7 +13,8 @@ with the speed options off; ``ours``: our defaults) and reports, in one process:
   interleaved within each repeat. ``x paper``: the paper's median over the variant's.
 * ``fwd it`` / ``bwd it``: forward and backward iterations of the training step, summed
   over the network's blocks (median); ``(n warm)``: of which in the low-precision warm start
-  (shown where one ran).
+  (shown where one ran); ``(m corr)``: of which refinement corrections after it
+  (``SolverConfig.warm_refine``). ``eval it``: the same for the eval forward.
 * ``z* rel``: relative difference of the blocks' fixed points from the paper's (worst
   block), ``logits rel``: of the logits, ``same pred``: fraction of identical predictions,
   all on ``--test-samples`` test digits in eval mode; ``worst res``: the largest per-sample
@@ -99,10 +100,15 @@ def _fmt(value: Any, spec: str) -> str:
 
 
 def _iters(row: dict[str, Any], phase: str) -> str:
-    """``12`` or, with a warm start that ran, ``12 (4 warm)``."""
+    """``12``, or with a warm start that ran ``12 (4 warm)``, and with refinement
+    corrections ``12 (4 warm, 1 corr)``."""
     text = f"{row[f'{phase}_it']:g}"
-    warm = row[f"{phase}_warm_it"]
-    return f"{text} ({warm:g} warm)" if warm else text
+    parts = [
+        f"{row[key]:g} {label}"
+        for key, label in ((f"{phase}_warm_it", "warm"), (f"{phase}_corr_it", "corr"))
+        if row.get(key)
+    ]
+    return f"{text} ({', '.join(parts)})" if parts else text
 
 
 COLUMNS: tuple[tuple[str, Callable[[dict[str, Any]], str]], ...] = (
@@ -115,6 +121,7 @@ COLUMNS: tuple[tuple[str, Callable[[dict[str, Any]], str]], ...] = (
     ("eval x paper", lambda r: _fmt(r["eval_x"], "{:.2f}x")),
     ("fwd it", lambda r: _iters(r, "fwd")),
     ("bwd it", lambda r: _iters(r, "bwd")),
+    ("eval it", lambda r: _iters(r, "eval")),
     ("z* rel", lambda r: _fmt(r["z_rel"], "{:.1e}")),
     ("logits rel", lambda r: _fmt(r["logits_rel"], "{:.1e}")),
     ("worst res", lambda r: _fmt(r["worst_residual"], "{:.1e}")),

@@ -135,6 +135,32 @@ def test_bench_slow_map_shows_both_solvers_converging(capsys):
     assert len(rows) == 2 and all("| True |" in row for row in rows)
 
 
+def test_bench_refinement_prints_one_row_per_gain_with_converged_solves(capsys):
+    bench = load_script("bench_refinement")
+    bench.main(
+        [
+            "--batch",
+            "4",
+            "--warmup-steps",
+            "0",
+            "--repeats",
+            "1",
+            "--gains",
+            "1,3",
+            "--threads",
+            "1",
+        ]
+    )
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| x")]
+    assert [row.split(" | ")[0] for row in rows] == ["| x1", "| x3"]
+    for row in rows:
+        cells = row.strip("|").split(" | ")
+        assert float(cells[3]) < 1e-4  # worst final residual, both settings
+        assert float(cells[4]) < 1e-3  # the two answers agree
+    with pytest.raises(SystemExit):
+        bench.main(["--gains", "0,1"])
+
+
 # -- bench_speed.py: ours against the paper's algorithm ----------------------------------------
 
 
@@ -197,7 +223,7 @@ def test_bench_speed_table_and_agreement_on_the_linear_net(capsys):
     out = capsys.readouterr().out
     header = (
         "| model | threads | variant | train ms | eval ms | train x paper | eval x paper | "
-        "fwd it | bwd it | z* rel | logits rel | worst res | within tol | same pred |"
+        "fwd it | bwd it | eval it | z* rel | logits rel | worst res | within tol | same pred |"
     )
     assert header in out and "torch " in out and "CPU " in out
     has_options = bool(plain_options(parse_case("pcdeq-linear-1")))
