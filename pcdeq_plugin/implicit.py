@@ -261,7 +261,7 @@ def _refine(
     if budget < 3:
         return None
     return refine_iterate(
-        lambda rows: refinement(z0, dtype, rows),  # type: ignore[return-value]
+        lambda rows: refinement(z0, dtype, rows),
         z0.shape[0],
         tol=tol,
         max_iter=budget - 2,

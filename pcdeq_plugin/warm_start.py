@@ -160,8 +160,8 @@ PROBE_SAMPLES = 2
 PROBE_MARGIN = 0.7
 
 #: ``rows -> (f(base) of those samples, corrected map)``: a map's refinement at the warm
-#: state (``rows=None``: the whole batch)
-Refinement = Callable[["torch.Tensor | None"], "tuple[torch.Tensor, RefinedMap]"]
+#: state (``rows=None``: the whole batch), or ``None`` where it declines
+Refinement = Callable[["torch.Tensor | None"], "tuple[torch.Tensor, RefinedMap] | None"]
 
 
 def _worst_residual(fz: torch.Tensor, z: torch.Tensor) -> float:
@@ -202,11 +202,14 @@ def refine_iterate(
 
     Returns:
         The iterate to start the float32 solve from (checked at its first evaluation) and
-        the number of corrections made, or ``None``.
+        the number of corrections made, or ``None`` (also where the map declines).
     """
     rows = torch.linspace(0, batch - 1, min(PROBE_SAMPLES, batch)).round().long().unique()
     rows = rows.to(device)
-    z, corrected = refinement(rows)
+    offered = refinement(rows)
+    if offered is None:
+        return None
+    z, corrected = offered
     spare = torch.empty_like(z)
     needed, last = None, None
     for k in range(max_iter + 1):  # z holds the iterate after k corrections
@@ -222,7 +225,10 @@ def refine_iterate(
         z, spare, last = fz, z, residual
     if not needed:  # None (cap) or 0 (the first float32 image meets tol)
         return None
-    z, corrected = refinement(None)
+    offered = refinement(None)
+    if offered is None:
+        return None
+    z, corrected = offered
     spare = torch.empty_like(z)
     for _ in range(needed):
         z, spare = corrected(z, spare), z

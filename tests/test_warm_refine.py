@@ -139,6 +139,10 @@ def test_refine_iterate_gives_up_where_corrections_cannot_help(case: dict) -> No
     assert refine_iterate(refinement, 4, tol=TOL, max_iter=50) is None
 
 
+def test_refine_iterate_accepts_a_map_that_declines() -> None:
+    assert refine_iterate(lambda rows: None, 4, tol=TOL, max_iter=50) is None
+
+
 def test_refine_iterate_respects_its_budget() -> None:
     refinement, _, _ = _affine_refinement(rate=0.5)
     # 14 halvings are needed from 1 to 7e-5; 3 are allowed
