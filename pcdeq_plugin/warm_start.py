@@ -104,6 +104,12 @@ def resolve_warm_start(
     return torch.bfloat16 if pays and has_fast_bf16(state.device) else None
 
 
+def _worst_residual(fz: torch.Tensor, z: torch.Tensor, work: torch.Tensor | None = None) -> float:
+    """The largest per-sample residual (NaN if any is), with one synchronisation."""
+    diff, image = residual_norms(fz, z, work)
+    return float((diff / (image + RESIDUAL_EPS)).max())
+
+
 def warm_iterate(
     fn: MapFn,
     z0: torch.Tensor,
@@ -135,8 +141,7 @@ def warm_iterate(
     for k in range(done + 1, done + max_iter + 1):
         fz = fn(z)
         if k >= next_check:
-            diff, image = residual_norms(fz, z, work)
-            worst = float((diff / (image + RESIDUAL_EPS)).max())  # one synchronisation
+            worst = _worst_residual(fz, z, work)
             if not worst >= tol:  # NaN stops too
                 return fz, k - done
             next_check = k + 1
@@ -162,11 +167,6 @@ PROBE_MARGIN = 0.7
 #: ``rows -> (f(base) of those samples, corrected map)``: a map's refinement at the warm
 #: state (``rows=None``: the whole batch), or ``None`` where it declines
 Refinement = Callable[["torch.Tensor | None"], "tuple[torch.Tensor, RefinedMap] | None"]
-
-
-def _worst_residual(fz: torch.Tensor, z: torch.Tensor) -> float:
-    diff, image = residual_norms(fz, z)
-    return float((diff / (image + RESIDUAL_EPS)).max())  # one synchronisation
 
 
 def refine_iterate(
