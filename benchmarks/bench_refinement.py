@@ -2,8 +2,9 @@
 
 After a bfloat16 warm phase plain float32 iteration needs at least two evaluations (one to
 leave bfloat16's rounding, one to check) and more where the map contracts slowly, as it
-does later in training. ``SolverConfig.warm_refine`` turns all but two of them into
-bfloat16 corrections (``pcdeq_plugin.warm_start.refine_iterate``). This script solves one
+does later in training. ``SolverConfig.warm_refine`` turns all but the first of them into
+bfloat16 corrections (``pcdeq_plugin.warm_start.refine_iterate``; the last one checks with
+a certified bound on its error). This script solves one
 pcDEQ block's forward fixed point in evaluation (``torch.no_grad()``), with the
 refinement on and off, interleaved, in one process, at its weights after
 ``--warmup-steps`` training steps (``bench_speed.py``'s recipe) and with the recurrent

@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING
 import torch
 
 from .autocast import autocast_off
-from .maps import FixedPointMap, LinearizedStep, MapFn, RefinedMap, RefinementFn
+from .maps import FixedPointMap, LinearizedStep, MapFn, Refinement, RefinementFn
 
 if TYPE_CHECKING:  # the block imports this module
     from .cells import PcDEQBlock
 
-__all__ = ["MIN_WARM_START_MACS", "PcDEQCellMap", "activation_slope"]
+__all__ = ["MIN_WARM_START_MACS", "PcDEQCellMap", "activation_slope", "correction_error_gain"]
 
 #: Below this many multiply-adds per state element (a convolution's ``C k^2``, a dense
 #: layer's width) the cell is memory-bound and bfloat16 barely speeds it up (measured
@@ -37,6 +37,32 @@ _SLOPE_FROM_OUTPUT: dict[Callable, Callable[[torch.Tensor], torch.Tensor]] = {
     torch.tanh: lambda out: 1.0 - out * out,
     torch.sigmoid: lambda out: out * (1.0 - out),
 }
+
+
+#: Lipschitz constants (the largest slope) of the activations whose corrected images
+#: carry an error bound: pcDEQ-1's tanh and pcDEQ-2's sigmoid
+_LIPSCHITZ: dict[Callable, float] = {torch.tanh: 1.0, torch.sigmoid: 0.25}
+
+
+def correction_error_gain(dtype: torch.dtype, macs: int, roundings: int) -> float | None:
+    """Relative error bound of a low-precision linear map of an exactly known operand.
+
+    A product ``W x`` computed from ``W`` and ``x`` each rounded to ``dtype`` (unit roundoff
+    ``u``), with products accumulated in float32 over ``macs`` terms and the result rounded
+    to ``dtype`` again, differs from the exact one by at most ``((1 + u)^r (1 + g) - 1)
+    |W| |x|`` elementwise (``r = roundings`` such roundings, ``g = macs 2^-24 / (1 - macs
+    2^-24)`` for the accumulation; bfloat16 products are exact in float32). Returns that
+    factor, or ``None`` where the accumulation precision is not known to be float32: only
+    bfloat16 on the CPU (oneDNN accumulates bfloat16 convolutions and matrix products in
+    float32) is certified; CUDA's reduced-precision reductions are not.
+    """
+    if dtype != torch.bfloat16:
+        return None
+    unit = torch.finfo(dtype).eps / 2
+    acc = macs * 2.0**-24
+    if acc >= 0.5:
+        return None
+    return (1 + unit) ** roundings * (1 + acc / (1 - acc)) - 1
 
 
 #: in-place versions of activations, for the solve's no-grad iterations
@@ -108,7 +134,7 @@ class PcDEQCellMap(FixedPointMap):
 
     def refinement(
         self, base: torch.Tensor, dtype: torch.dtype, rows: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, RefinedMap]:
+    ) -> Refinement:
         """``f(base)`` in float32, and ``z -> sigma(a + W_low (z - base))`` with ``a = W base + u``.
 
         ``a`` is kept from that one float32 evaluation, so the low-precision product only
@@ -118,6 +144,14 @@ class PcDEQCellMap(FixedPointMap):
         lies far below a typical ``tol`` (about 1e-5 against the warm phase's 2.6e-3 on
         the single-conv net), at the cost of a bfloat16 linear map, a cast and three
         passes, with no state-sized allocation but the linear map's output.
+
+        Error bound (tanh and sigmoid, bfloat16 on the CPU): the corrected image differs
+        from ``f(z)`` by at most ``L c S ||z - base||`` per sample, with ``L`` the
+        activation's Lipschitz constant, ``c`` :func:`correction_error_gain` (three
+        roundings: ``z - base``, ``W``, the product) and ``S``
+        :meth:`~pcdeq_plugin.cells.PcDEQBlock.operator_norm_bound`, beyond the rounding
+        of ``a`` and of the activation in float32, which a float32 evaluation of ``f``
+        has too.
         """
         block, fn, fn_ = self.block, self.fn, self.fn_
         u = self.u
@@ -133,7 +167,13 @@ class PcDEQCellMap(FixedPointMap):
             out.copy_(block.linear_map(low, low_weight)).add_(a_base)
             return fn_(out) if fn_ is not None else out.copy_(fn(out))
 
-        return image, corrected
+        gain = correction_error_gain(dtype, block.macs_per_element, roundings=3)
+        lipschitz = _LIPSCHITZ.get(fn)
+        error_bound = None
+        if gain is not None and lipschitz is not None and base.device.type == "cpu":
+            scale = lipschitz * gain * block.operator_norm_bound(self.weight)
+            error_bound = _distance_bound(base, scale)
+        return Refinement(image, corrected, error_bound)
 
     def linearized_step(self, z_star: torch.Tensor) -> LinearizedStep:
         """The differentiable step and its analytic adjoint.
@@ -151,6 +191,7 @@ class PcDEQCellMap(FixedPointMap):
         # that kept it (or its graph) alive would be a cycle the garbage collector cannot see
         weight = self.weight.detach()
         block, fn, dtype = self.block, self.fn, z_star.dtype
+        max_slope = _LIPSCHITZ.get(fn)
         slopes: dict[torch.dtype, torch.Tensor] = {}
         if from_output is not None:
 
@@ -186,7 +227,7 @@ class PcDEQCellMap(FixedPointMap):
 
             def refinement(
                 base: torch.Tensor, precision: torch.dtype, rows: torch.Tensor | None
-            ) -> tuple[torch.Tensor, RefinedMap]:
+            ) -> Refinement:
                 full, low_slope, g = slope(dtype), slope(precision), grad
                 if rows is not None:
                     base, g = base.index_select(0, rows), g.index_select(0, rows)
@@ -199,12 +240,29 @@ class PcDEQCellMap(FixedPointMap):
                     low.copy_(torch.sub(y, base, out=out)).mul_(low_slope)
                     return out.copy_(block.transposed_map(low, low_weight)).add_(offset)
 
+                # five roundings (y - base, the slope, their product, W, W^T's product), the
+                # slope at most the activation's Lipschitz constant; the map is affine
+                gain = correction_error_gain(precision, block.macs_per_element, roundings=5)
+                error_bound = None
+                if gain is not None and max_slope is not None and base.device.type == "cpu":
+                    scale = max_slope * gain * block.operator_norm_bound(weight)
+                    error_bound = _distance_bound(base, scale)
                 # the iterate is a copy: the caller reuses iterates' memory as buffers
-                return offset.clone(), corrected
+                return Refinement(offset.clone(), corrected, error_bound)
 
             return refinement
 
         return LinearizedStep(out, adjoint, adjoint_in, adjoint_refinement)
+
+
+def _distance_bound(base: torch.Tensor, scale: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``z -> scale * ||z - base||`` per sample (float32, on ``base``'s device)."""
+    dims = tuple(range(1, base.dim()))
+
+    def bound(z: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.vector_norm(z - base, dim=dims).float().mul_(scale)
+
+    return bound
 
 
 class _LinearizedFixedPoint(torch.autograd.Function):

@@ -51,10 +51,10 @@ import torch
 from .adjoint import differentiable_step
 from .autocast import autocast_off
 from .failure import enforce_failure_policy
-from .interface import BlockStats, FixedPointResult, SolverConfig
+from .interface import BlockStats, FixedPointResult, SolverConfig, SolveStats
 from .maps import FixedPointMap, MapFn, RefinementFn
 from .registry import FixedPointSolver, UnknownNameError, get_solver
-from .warm_start import refine_iterate, resolve_warm_start, warm_iterate
+from .warm_start import RefinedStart, refine_iterate, resolve_warm_start, warm_iterate
 
 __all__ = ["enforce_failure_policy", "make_solvers", "solve_implicit"]
 
@@ -250,13 +250,13 @@ def _offered_refinement(f: MapFn | FixedPointMap) -> RefinementFn | None:
 
 def _refine(
     refinement: RefinementFn, z0: torch.Tensor, dtype: torch.dtype, *, tol: float, budget: int
-) -> tuple[torch.Tensor, int] | None:
+) -> RefinedStart | None:
     """The refinement after a warm phase (:func:`~pcdeq_plugin.warm_start.refine_iterate`)
     where the budget leaves room for its float32 evaluation, a correction and the float32
     solve's check.
 
     Returns:
-        The float32 solve's start and the number of corrections, or ``None``.
+        The float32 solve's start (or, certified, its answer), or ``None``.
     """
     if budget < 3:
         return None
@@ -267,6 +267,30 @@ def _refine(
         max_iter=budget - 2,
         device=z0.device,
     )
+
+
+def _certified_result(
+    solver: FixedPointSolver, value: torch.Tensor, bound: torch.Tensor, tol: float, max_iter: int
+) -> FixedPointResult | None:
+    """The solve's answer where every sample's certified residual bound meets ``tol``.
+
+    Its record counts no iteration: the caller adds the warm phase's, the float32
+    evaluation's and the corrections'. ``None`` if any sample misses (the solver then
+    continues from ``value``, a better start than the last iterate).
+    """
+    converged = bound < tol  # a NaN bound never passes
+    if not bool(converged.all()):
+        return None
+    stats = SolveStats(
+        iterations=0,
+        residual=bound,
+        converged=converged,
+        seconds=0.0,
+        unit="iter",
+        solver=getattr(solver, "name", type(solver).__name__),
+        max_iter=max_iter,
+    )
+    return FixedPointResult(value=value, stats=stats)
 
 
 def _solve(
@@ -327,14 +351,18 @@ def _solve(
         refined = None
         if config.warm_refine and refinement is not None:
             refined = _refine(refinement, z0, dtype, tol=tol, budget=max_iter - before)
+        result = None
         if refined is not None:
-            z0, corrections = refined
-            if project:
+            z0, corrections = refined.state, refined.corrections
+            if project:  # towards f(z) >= 0: the certified bound still holds
                 z0 = z0.clamp_min_(0)
             before += 1 + corrections  # the float32 evaluation at the warm state, and these
+            if refined.residual is not None:
+                result = _certified_result(solver, z0, refined.residual, tol, max_iter)
             # the refinement predicts that the next evaluation meets tol: check it
             check_every = 1 if config.check_every is None else check_every
-        result = solver(f, z0, tol=tol, max_iter=max_iter - before, check_every=check_every)
+        if result is None:
+            result = solver(f, z0, tol=tol, max_iter=max_iter - before, check_every=check_every)
     elif image is not None and getattr(solver, "starts_from_image_of_zero", False):
         # the solver counts iteration 1 and places its checks as from zero
         result = solver(

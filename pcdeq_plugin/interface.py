@@ -185,8 +185,10 @@ class SolverConfig:
         warm_refine: After the warm phase, a map that offers it (pcDEQ cells) takes one
             full-precision evaluation and iterates low-precision corrections around it
             until the next full-precision evaluation should meet ``tol``
-            (:func:`pcdeq_plugin.warm_start.refine_iterate`); ``False`` hands the warm
-            state straight to the full-precision solve.
+            (:func:`pcdeq_plugin.warm_start.refine_iterate`); where the corrections carry
+            a rigorous error bound (tanh and sigmoid cells, bfloat16 on the CPU), that
+            last check is itself a correction whose residual bound must meet ``tol``.
+            ``False`` hands the warm state straight to the full-precision solve.
         adjoint: Where ``J^T y`` comes from: ``"auto"`` (the map's analytic adjoint where it
             has one, as pcDEQ cells do, else autograd), ``"analytic"`` or ``"autograd"``.
         reuse_step_graph: The autograd adjoint differentiates the graph of the one

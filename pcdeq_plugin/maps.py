@@ -16,7 +16,8 @@ A plain callable ``f(z)`` is enough for :func:`solve_implicit`. A map that subcl
 * :meth:`FixedPointMap.refinement` -- after the warm phase, one full-precision
   evaluation and a cheap corrected map around it (pcDEQ cells: the low-precision product
   carries only ``z - base``), so the iterations between the warm phase and the last
-  float32 check cost low-precision ones.
+  float32 check cost low-precision ones; with a rigorous bound on the corrected map's
+  error, the last check itself can be a corrected one (:class:`Refinement`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ __all__ = [
     "MIN_WARM_START_ELEMENTS",
     "MapFn",
     "RefinedMap",
+    "Refinement",
     "RefinementFn",
 ]
 
@@ -48,11 +50,30 @@ MIN_WARM_START_ELEMENTS = 1 << 16
 #: a reference to any iterate it returned or was given.
 RefinedMap = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-#: ``(base, dtype, rows) -> (f(base), corrected)``: a refinement around ``base`` (see
+
+@dataclass
+class Refinement:
+    """A map's refinement around a base state (:meth:`FixedPointMap.refinement`).
+
+    Attributes:
+        image: ``f(base)`` in ``base``'s (full) precision.
+        corrected: The cheap map for iterates near ``base`` (a :data:`RefinedMap`).
+        error_bound: ``error_bound(z)`` returns, per sample, a rigorous upper bound on
+            ``||corrected(z) - f(z)||`` (up to ``f``'s own full-precision rounding, which
+            a full-precision check has as well), or ``None``: no bound, so the last check
+            of a solve must evaluate ``f`` itself. With a bound a corrected image can
+            certify a residual: ``||f(z) - z|| <= ||f~(z) - z|| + e`` and ``||f(z)|| >=
+            ||f~(z)|| - e``.
+    """
+
+    image: torch.Tensor
+    corrected: RefinedMap
+    error_bound: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
+#: ``(base, dtype, rows) -> Refinement``: a refinement around ``base`` (see
 #: :meth:`FixedPointMap.refinement`), or ``None`` where none is offered
-RefinementFn = Callable[
-    [torch.Tensor, torch.dtype, "torch.Tensor | None"], "tuple[torch.Tensor, RefinedMap] | None"
-]
+RefinementFn = Callable[[torch.Tensor, torch.dtype, "torch.Tensor | None"], "Refinement | None"]
 
 #: ``grad -> (y -> J^T y + grad)``: the adjoint map for one incoming gradient
 AdjointMapFactory = Callable[[torch.Tensor], MapFn]
@@ -91,15 +112,17 @@ class FixedPointMap:
 
     def refinement(
         self, base: torch.Tensor, dtype: torch.dtype, rows: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, RefinedMap] | None:
+    ) -> Refinement | None:
         """``f(base)`` in ``base``'s precision and a cheap map for iterates near ``base``.
 
         The cheap map ``corrected(z, out)`` may compute the part of ``f`` that depends on
         ``z - base`` in the low precision ``dtype``; near ``base`` that part is small, so
         its rounding error is small too (iterative refinement). ``rows`` (an index tensor)
-        restricts both to those samples of the batch. Only ever used between the warm
-        phase and the full-precision solve, whose checks use ``f`` itself
-        (:func:`pcdeq_plugin.warm_start.refine_iterate`). Default ``None``: not offered.
+        restricts everything to those samples of the batch. Only ever used between the
+        warm phase and the full-precision solve
+        (:func:`pcdeq_plugin.warm_start.refine_iterate`); a check made with the corrected
+        map needs the refinement's ``error_bound``, otherwise the checks use ``f`` itself.
+        Default ``None``: not offered.
         """
         return None
 

@@ -19,10 +19,12 @@ After the warm phase, a map that offers it (:meth:`FixedPointMap.refinement
 <pcdeq_plugin.maps.FixedPointMap.refinement>`, pcDEQ cells) takes one float32
 evaluation at the warm state and iterates a corrected map around it whose low-precision
 part only carries the small change ``z - base`` (:func:`refine_iterate`), until the next
-float32 evaluation is predicted to meet ``tol``. Where plain float32 iteration would need
-three or more evaluations after the warm phase, all but two become low-precision ones;
-where it needs two (the minimum: one to leave the low precision's rounding, one to
-check), nothing changes. The float32 solve then checks as always.
+float32 evaluation is predicted to meet ``tol``. Plain float32 iteration after the warm
+phase needs two evaluations at least (one to leave the low precision's rounding, one to
+check). Where the corrections carry a rigorous error bound (pcDEQ-1 and pcDEQ-2 cells,
+bfloat16 on the CPU), only the first stays float32: the last check is a correction too,
+and a sample passes only if an upper bound on its float32 residual meets ``tol``. Without
+a bound all but two become low-precision ones and the float32 solve checks as always.
 
 Why it is not the default for an unconstrained DEQ: a general map may have several
 fixed points or none, and iteration may converge only from some starts; a rounded
@@ -34,6 +36,7 @@ is the caller's decision.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable
@@ -42,11 +45,12 @@ import torch
 
 from .checks import check_choice
 from .interface import WARM_START_CHOICES
-from .maps import FixedPointMap, MapFn, RefinedMap
+from .maps import FixedPointMap, MapFn, Refinement
 from .residuals import RESIDUAL_EPS, residual_norms, work_buffer
 
 __all__ = [
     "LOW_PRECISION",
+    "RefinedStart",
     "WARM_START_CHOICES",
     "has_fast_bf16",
     "refine_iterate",
@@ -164,19 +168,38 @@ PROBE_SAMPLES = 2
 #: it did not see, a little slower, still meet ``tol`` at the float32 check.
 PROBE_MARGIN = 0.7
 
-#: ``rows -> (f(base) of those samples, corrected map)``: a map's refinement at the warm
-#: state (``rows=None``: the whole batch), or ``None`` where it declines
-Refinement = Callable[["torch.Tensor | None"], "tuple[torch.Tensor, RefinedMap] | None"]
+#: ``rows -> Refinement``: a map's refinement at the warm state, of those sample rows
+#: (``rows=None``: the whole batch), or ``None`` where it declines
+RefinementAt = Callable[["torch.Tensor | None"], "Refinement | None"]
+
+
+@dataclasses.dataclass
+class RefinedStart:
+    """What :func:`refine_iterate` hands the float32 solve.
+
+    Attributes:
+        state: The iterate to continue from; where ``residual`` is given, the corrected
+            image of the last iterate (the solve's answer if every sample passed).
+        corrections: Corrected-map evaluations made (the float32 evaluation at the warm
+            state not included).
+        residual: Per-sample upper bounds on the float32 residual ``||f(z) - z|| /
+            (||f(z)|| + eps)`` of the last iterate ``z`` (whose image is ``state``), from a
+            corrected image and the refinement's error bound; ``None`` without a bound.
+    """
+
+    state: torch.Tensor
+    corrections: int
+    residual: torch.Tensor | None = None
 
 
 def refine_iterate(
-    refinement: Refinement,
+    refinement: RefinementAt,
     batch: int,
     *,
     tol: float,
     max_iter: int,
     device: torch.device | str = "cpu",
-) -> tuple[torch.Tensor, int] | None:
+) -> RefinedStart | None:
     """Low-precision corrections after the warm phase, where they replace float32 iterations.
 
     After the warm phase plain float32 iteration evaluates ``f`` at the warm state (its
@@ -186,12 +209,19 @@ def refine_iterate(
     the iterations after it corrections, whose low-precision part only carries the small
     change from the warm state. How many are needed is measured first on
     :data:`PROBE_SAMPLES` samples: their corrected iterates until the residual is below
-    ``PROBE_MARGIN * tol`` (at most ``max_iter``). If the first float32 image already meets
-    ``tol`` there, or the corrections stall (rate above :data:`STALL_RATIO`: their floor)
-    or turn non-finite, nothing is done (``None``): plain float32 iteration follows, as
-    without a refinement. Otherwise the whole batch takes the float32 evaluation and
-    that many corrections, with no check in between. A misprediction costs iterations,
-    never answers: the float32 solve's checks decide.
+    ``PROBE_MARGIN * tol`` (at most ``max_iter``). If the corrections stall (rate above
+    :data:`STALL_RATIO`: their floor) or turn non-finite, nothing is done (``None``): plain
+    float32 iteration follows, as without a refinement. Otherwise the whole batch takes
+    the float32 evaluation and that many corrections.
+
+    The last check: where the refinement bounds its error (``Refinement.error_bound``),
+    one more correction checks the last iterate ``z``: with ``f~(z)`` its corrected image
+    and ``e`` the bound on ``||f~(z) - f(z)||``, the float32 residual is at most
+    ``(||f~(z) - z|| + e) / (||f~(z)|| - e)``, per sample, and a sample passes only if that
+    bound is below ``tol``, which is stricter than the float32 test itself. Without a bound
+    the float32 solve checks ``z`` by evaluating ``f`` (and where the first float32 image
+    already meets ``tol``, nothing is done). A misprediction costs iterations, never
+    answers.
 
     Args:
         refinement: The map's refinement at the warm state, by sample rows.
@@ -201,35 +231,45 @@ def refine_iterate(
         device: The state's device (where the probe's sample indices go).
 
     Returns:
-        The iterate to start the float32 solve from (checked at its first evaluation) and
-        the number of corrections made, or ``None`` (also where the map declines).
+        The start of the float32 solve (see :class:`RefinedStart`), or ``None`` (also where
+        the map declines).
     """
     rows = torch.linspace(0, batch - 1, min(PROBE_SAMPLES, batch)).round().long().unique()
     rows = rows.to(device)
     offered = refinement(rows)
     if offered is None:
         return None
-    z, corrected = offered
+    certified = offered.error_bound is not None
+    budget = max_iter - 1 if certified else max_iter  # the certified check is one more
+    z, corrected = offered.image, offered.corrected
     spare = torch.empty_like(z)
     needed, last = None, None
-    for k in range(max_iter + 1):  # z holds the iterate after k corrections
+    for k in range(budget + 1):  # z holds the iterate after k corrections
         fz = corrected(z, spare)
         residual = _worst_residual(fz, z)  # of z
         if not math.isfinite(residual):
             return None
-        if residual < (tol if k == 0 else PROBE_MARGIN * tol):
+        if residual < (tol if k == 0 and not certified else PROBE_MARGIN * tol):
             needed = k
             break
         if last is not None and not residual < STALL_RATIO * last:
             return None
         z, spare, last = fz, z, residual
-    if not needed:  # None (cap) or 0 (the first float32 image meets tol)
+    # None: the cap; 0 without a bound: the first float32 image meets tol, the solver's
+    # first evaluation checks it
+    if needed is None or (needed == 0 and not certified):
         return None
     offered = refinement(None)
     if offered is None:
         return None
-    z, corrected = offered
+    z, corrected = offered.image, offered.corrected
     spare = torch.empty_like(z)
     for _ in range(needed):
         z, spare = corrected(z, spare), z
-    return z, needed
+    if offered.error_bound is None:
+        return RefinedStart(z, needed)
+    fz = corrected(z, spare)
+    diff, image = residual_norms(fz, z)
+    error = offered.error_bound(z)
+    bound = (diff + error) / ((image - error).clamp_min_(0) + RESIDUAL_EPS)
+    return RefinedStart(fz, needed + 1, bound)
