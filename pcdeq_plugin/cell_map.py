@@ -255,12 +255,16 @@ class PcDEQCellMap(FixedPointMap):
         return LinearizedStep(out, adjoint, adjoint_in, adjoint_refinement)
 
 
-def _distance_bound(base: torch.Tensor, scale: float) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``z -> scale * ||z - base||`` per sample (float32, on ``base``'s device)."""
+def _distance_bound(
+    base: torch.Tensor, scale: float
+) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]:
+    """``(z, work) -> scale * ||z - base||`` per sample (float32, on ``base``'s device);
+    ``z - base`` goes into ``work`` where given (no state-sized allocation)."""
     dims = tuple(range(1, base.dim()))
 
-    def bound(z: torch.Tensor) -> torch.Tensor:
-        return torch.linalg.vector_norm(z - base, dim=dims).float().mul_(scale)
+    def bound(z: torch.Tensor, work: torch.Tensor | None = None) -> torch.Tensor:
+        delta = z - base if work is None else torch.sub(z, base, out=work)
+        return torch.linalg.vector_norm(delta, dim=dims).float().mul_(scale)
 
     return bound
 

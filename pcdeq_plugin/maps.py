@@ -58,8 +58,9 @@ class Refinement:
     Attributes:
         image: ``f(base)`` in ``base``'s (full) precision.
         corrected: The cheap map for iterates near ``base`` (a :data:`RefinedMap`).
-        error_bound: ``error_bound(z)`` returns, per sample, a rigorous upper bound on
-            ``||corrected(z) - f(z)||`` (up to ``f``'s own full-precision rounding, which
+        error_bound: ``error_bound(z, work)`` returns, per sample, a rigorous upper bound
+            on ``||corrected(z) - f(z)||`` (``work``: a scratch buffer shaped like ``z``,
+            or ``None``) (up to ``f``'s own full-precision rounding, which
             a full-precision check has as well), or ``None``: no bound, so the last check
             of a solve must evaluate ``f`` itself. With a bound a corrected image can
             certify a residual: ``||f(z) - z|| <= ||f~(z) - z|| + e`` and ``||f(z)|| >=
@@ -68,7 +69,7 @@ class Refinement:
 
     image: torch.Tensor
     corrected: RefinedMap
-    error_bound: Callable[[torch.Tensor], torch.Tensor] | None = None
+    error_bound: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None
 
 
 #: ``(base, dtype, rows) -> Refinement``: a refinement around ``base`` (see

@@ -49,6 +49,7 @@ from .maps import FixedPointMap, MapFn, Refinement
 from .residuals import RESIDUAL_EPS, residual_norms, work_buffer
 
 __all__ = [
+    "CERTIFY_ATTEMPTS",
     "LOW_PRECISION",
     "RefinedStart",
     "WARM_START_CHOICES",
@@ -168,6 +169,11 @@ PROBE_SAMPLES = 2
 #: it did not see, a little slower, still meet ``tol`` at the float32 check.
 PROBE_MARGIN = 0.7
 
+#: Certified checks the refinement makes before it hands over to float32 checks: where
+#: samples the probe did not see miss ``tol`` at the first, one more correction (cheaper
+#: than a float32 evaluation) brings them within it.
+CERTIFY_ATTEMPTS = 2
+
 #: ``rows -> Refinement``: a map's refinement at the warm state, of those sample rows
 #: (``rows=None``: the whole batch), or ``None`` where it declines
 RefinementAt = Callable[["torch.Tensor | None"], "Refinement | None"]
@@ -209,7 +215,8 @@ def refine_iterate(
     the iterations after it corrections, whose low-precision part only carries the small
     change from the warm state. How many are needed is measured first on
     :data:`PROBE_SAMPLES` samples: their corrected iterates until the residual is below
-    ``PROBE_MARGIN * tol`` (at most ``max_iter``). If the corrections stall (rate above
+    ``PROBE_MARGIN * tol`` (``tol`` where the check is certified, below; at most
+    ``max_iter``). If the corrections stall (rate above
     :data:`STALL_RATIO`: their floor) or turn non-finite, nothing is done (``None``): plain
     float32 iteration follows, as without a refinement. Otherwise the whole batch takes
     the float32 evaluation and that many corrections.
@@ -218,7 +225,8 @@ def refine_iterate(
     one more correction checks the last iterate ``z``: with ``f~(z)`` its corrected image
     and ``e`` the bound on ``||f~(z) - f(z)||``, the float32 residual is at most
     ``(||f~(z) - z|| + e) / (||f~(z)|| - e)``, per sample, and a sample passes only if that
-    bound is below ``tol``, which is stricter than the float32 test itself. Without a bound
+    bound is below ``tol``, which is stricter than the float32 test itself; where a sample
+    misses, up to :data:`CERTIFY_ATTEMPTS` certified checks are made in all. Without a bound
     the float32 solve checks ``z`` by evaluating ``f`` (and where the first float32 image
     already meets ``tol``, nothing is done). A misprediction costs iterations, never
     answers.
@@ -249,7 +257,9 @@ def refine_iterate(
         residual = _worst_residual(fz, z)  # of z
         if not math.isfinite(residual):
             return None
-        if residual < (tol if k == 0 and not certified else PROBE_MARGIN * tol):
+        # with a bound a miss at the check costs a correction, not a float32 evaluation:
+        # no margin
+        if residual < (tol if k == 0 or certified else PROBE_MARGIN * tol):
             needed = k
             break
         if last is not None and not residual < STALL_RATIO * last:
@@ -268,8 +278,15 @@ def refine_iterate(
         z, spare = corrected(z, spare), z
     if offered.error_bound is None:
         return RefinedStart(z, needed)
-    fz = corrected(z, spare)
-    diff, image = residual_norms(fz, z)
-    error = offered.error_bound(z)
-    bound = (diff + error) / ((image - error).clamp_min_(0) + RESIDUAL_EPS)
-    return RefinedStart(fz, needed + 1, bound)
+    corrections = needed
+    work = torch.empty_like(z)  # f~(z) - z, then z - base: no allocation per check
+    while True:
+        fz = corrected(z, spare)
+        corrections += 1
+        diff, image = residual_norms(fz, z, work)
+        error = offered.error_bound(z, work)
+        bound = (diff + error) / ((image - error).clamp_min_(0) + RESIDUAL_EPS)
+        last_attempt = corrections - needed >= CERTIFY_ATTEMPTS or corrections >= max_iter
+        if last_attempt or bool((bound < tol).all()):
+            return RefinedStart(fz, corrections, bound)
+        z, spare = fz, z
