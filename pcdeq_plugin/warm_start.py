@@ -174,6 +174,10 @@ PROBE_MARGIN = 0.7
 #: than a float32 evaluation) brings them within it.
 CERTIFY_ATTEMPTS = 2
 
+#: Where the probe finds the error bound alone at this fraction of ``tol`` or more, the
+#: certified check cannot pass there, and the float32 solve checks instead.
+CERTIFY_LOOSE = 0.5
+
 #: ``rows -> Refinement``: a map's refinement at the warm state, of those sample rows
 #: (``rows=None``: the whole batch), or ``None`` where it declines
 RefinementAt = Callable[["torch.Tensor | None"], "Refinement | None"]
@@ -226,7 +230,10 @@ def refine_iterate(
     and ``e`` the bound on ``||f~(z) - f(z)||``, the float32 residual is at most
     ``(||f~(z) - z|| + e) / (||f~(z)|| - e)``, per sample, and a sample passes only if that
     bound is below ``tol``, which is stricter than the float32 test itself; where a sample
-    misses, up to :data:`CERTIFY_ATTEMPTS` certified checks are made in all. Without a bound
+    misses, up to :data:`CERTIFY_ATTEMPTS` certified checks are made in all. The probe
+    checks its samples the same way first; where the bound itself is too loose there
+    (:data:`CERTIFY_LOOSE`: a slowly contracting map whose iterates moved far from the
+    warm state), the float32 solve checks, as without a bound. Without a bound
     the float32 solve checks ``z`` by evaluating ``f`` (and where the first float32 image
     already meets ``tol``, nothing is done). A misprediction costs iterations, never
     answers.
@@ -257,16 +264,23 @@ def refine_iterate(
         residual = _worst_residual(fz, z)  # of z
         if not math.isfinite(residual):
             return None
-        # with a bound a miss at the check costs a correction, not a float32 evaluation:
-        # no margin
-        if residual < (tol if k == 0 or certified else PROBE_MARGIN * tol):
+        if certified and residual < tol:
+            # a miss at the certified check costs a correction, not a float32 evaluation:
+            # no margin; but where the bound itself is too loose (a slowly contracting map
+            # whose iterates moved far from the base), float32 checks instead
+            bound, error = _certified_bound(fz, z, offered.error_bound)
+            if float(bound.max()) < tol:
+                needed = k
+                break
+            certified = not float(error.max()) >= CERTIFY_LOOSE * tol
+        if not certified and residual < (tol if k == 0 else PROBE_MARGIN * tol):
             needed = k
             break
         if last is not None and not residual < STALL_RATIO * last:
             return None
         z, spare, last = fz, z, residual
-    # None: the cap; 0 without a bound: the first float32 image meets tol, the solver's
-    # first evaluation checks it
+    # None: the cap; 0 without a certified check: the first float32 image meets tol, the
+    # solver's first evaluation checks it
     if needed is None or (needed == 0 and not certified):
         return None
     offered = refinement(None)
@@ -276,17 +290,30 @@ def refine_iterate(
     spare = torch.empty_like(z)
     for _ in range(needed):
         z, spare = corrected(z, spare), z
-    if offered.error_bound is None:
+    if not certified or offered.error_bound is None:
         return RefinedStart(z, needed)
     corrections = needed
     work = torch.empty_like(z)  # f~(z) - z, then z - base: no allocation per check
     while True:
         fz = corrected(z, spare)
         corrections += 1
-        diff, image = residual_norms(fz, z, work)
-        error = offered.error_bound(z, work)
-        bound = (diff + error) / ((image - error).clamp_min_(0) + RESIDUAL_EPS)
+        bound, _ = _certified_bound(fz, z, offered.error_bound, work)
         last_attempt = corrections - needed >= CERTIFY_ATTEMPTS or corrections >= max_iter
         if last_attempt or bool((bound < tol).all()):
             return RefinedStart(fz, corrections, bound)
         z, spare = fz, z
+
+
+def _certified_bound(
+    fz: torch.Tensor,
+    z: torch.Tensor,
+    error_bound: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],
+    work: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sample, an upper bound on the float32 residual of ``z`` from its corrected image
+    ``fz``: ``(||fz - z|| + e) / (||fz|| - e + eps)`` with ``e`` the refinement's bound on
+    ``||fz - f(z)||``; and ``e / ||fz||`` (how much of it is the bound's)."""
+    diff, image = residual_norms(fz, z, work)
+    error = error_bound(z, work)
+    bound = (diff + error) / ((image - error).clamp_min_(0) + RESIDUAL_EPS)
+    return bound, error / (image + RESIDUAL_EPS)

@@ -15,7 +15,7 @@ from pcdeq_plugin.cell_map import PcDEQCellMap, correction_error_gain
 from pcdeq_plugin.cells import PcDEQConv, PcDEQLinear
 from pcdeq_plugin.checks import ArgumentError
 from pcdeq_plugin.maps import Refinement
-from pcdeq_plugin.warm_start import PROBE_MARGIN, refine_iterate
+from pcdeq_plugin.warm_start import CERTIFY_ATTEMPTS, PROBE_MARGIN, refine_iterate
 
 TOL = 1e-4
 
@@ -334,10 +334,11 @@ def test_refine_iterate_certifies_even_where_the_first_image_meets_tol() -> None
     assert float(result.residual.max()) < TOL
 
 
-def test_a_missed_certified_check_is_retried_with_one_more_correction() -> None:
-    # the probe sees rows 0 and 3 (rate 0.5); rows 1 and 2 contract a little slower, so
-    # the first certified check misses for them and the next passes
-    rate = torch.tensor([0.5, 0.535, 0.535, 0.5]).unsqueeze(1)
+def _two_speed_refinement(slow_rate: float):
+    """An exact affine refinement (error bound 0) whose rows 0 and 3, the ones the probe
+    sees, contract at rate 0.5 and rows 1 and 2 at ``slow_rate``; and the probe's count
+    of corrections (the first iterate meeting tol at rate 0.5)."""
+    rate = torch.tensor([0.5, slow_rate, slow_rate, 0.5]).unsqueeze(1)
     c = torch.rand(4, 5, generator=torch.Generator().manual_seed(0)) + 1.0
 
     def refinement(rows):
@@ -348,19 +349,37 @@ def test_a_missed_certified_check_is_retried_with_one_more_correction() -> None:
 
         return Refinement(cc.clone(), corrected, lambda z, work: torch.zeros(z.shape[0]))
 
-    result = refine_iterate(refinement, 4, tol=TOL, max_iter=50)
-    assert result is not None and bool((result.residual < TOL).all())
-    # the probe's count: the first k whose iterate meets tol at rate 0.5
     z, needed = c.clone(), 0
     while _worst(0.5 * z + c, z) >= TOL:
         z, needed = 0.5 * z + c, needed + 1
+    return refinement, needed
+
+
+def test_a_missed_certified_check_is_retried_with_one_more_correction() -> None:
+    # rows 1 and 2 contract a little slower: the first certified check misses for them
+    # and the next passes
+    refinement, needed = _two_speed_refinement(0.535)
+    result = refine_iterate(refinement, 4, tol=TOL, max_iter=50)
+    assert result is not None and bool((result.residual < TOL).all())
     assert result.corrections == needed + 2  # a miss, then the pass
 
 
-def test_a_loose_bound_fails_the_certificate() -> None:
-    refinement, _, _ = _affine_refinement(rate=0.5, error_bound=1.0)
+def test_certified_checks_stop_after_their_attempts() -> None:
+    # rows 1 and 2 far slower: both certified checks miss; the float32 solve takes over
+    # from the last corrected image (see the fallback test below)
+    refinement, needed = _two_speed_refinement(0.9)
     result = refine_iterate(refinement, 4, tol=TOL, max_iter=50)
-    assert result is not None and not bool((result.residual < TOL).any())
+    assert result is not None and result.corrections == needed + CERTIFY_ATTEMPTS
+    assert not bool((result.residual[[1, 2]] < TOL).any())
+    assert bool((result.residual[[0, 3]] < TOL).all())
+
+
+def test_a_bound_too_loose_to_pass_leaves_the_check_to_float32() -> None:
+    # the probe finds the bound alone above tol: no certified check is attempted
+    refinement, exact, _ = _affine_refinement(rate=0.5, error_bound=1.0)
+    result = refine_iterate(refinement, 4, tol=TOL, max_iter=50)
+    assert result is not None and result.residual is None
+    assert _worst(exact(result.state), result.state) < PROBE_MARGIN * TOL
 
 
 def test_certified_solve_needs_one_float32_evaluation_and_is_within_tol() -> None:
@@ -390,8 +409,10 @@ def test_a_failed_certificate_falls_back_to_float32_checks(monkeypatch) -> None:
     block, pre = _slow_block(refine=True)
     offer = PcDEQCellMap.refinement
 
-    def loose(self, base, dtype, rows=None):  # claims an error far above tol
+    def loose(self, base, dtype, rows=None):  # exact for the probe's rows, loose for all
         offered = offer(self, base, dtype, rows)
+        if rows is not None:
+            return Refinement(offered.image, offered.corrected, lambda z, work: 0 * z[:, 0, 0, 0])
         return Refinement(offered.image, offered.corrected, lambda z, work: torch.ones(z.shape[0]))
 
     monkeypatch.setattr(PcDEQCellMap, "refinement", loose)
@@ -400,6 +421,7 @@ def test_a_failed_certificate_falls_back_to_float32_checks(monkeypatch) -> None:
         z = block(pre)
     record = block.last_stats.forward
     assert record.all_converged and float(record.residual.max()) < TOL
+    assert record.refine_iterations >= CERTIFY_ATTEMPTS  # both certified checks missed
     # the anchor and at least one float32 check after the corrections
     assert log.count("cell", torch.float32, batch=3) >= 2
     plain, _ = _slow_block(refine=False)
