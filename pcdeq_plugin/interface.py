@@ -70,7 +70,9 @@ class SolveStats:
 
     Attributes:
         iterations: Fixed-point iterations performed (DEQs) or function evaluations (ODEs).
-        residual: Final residual per sample, detached, shape ``[B]``.
+        residual: Final residual per sample, detached, shape ``[B]`` (where a refined
+            solve's last check was certified, an upper bound on the float32 residual;
+            :func:`pcdeq_plugin.warm_start.refine_iterate`).
         converged: Per-sample flag, shape ``[B]``: the sample met the tolerance.
         seconds: Wall time of the solve as seen by the host.
         unit: ``"iter"`` for fixed-point iterations, ``"nfe"`` for function evaluations.
