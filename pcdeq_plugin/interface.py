@@ -181,7 +181,8 @@ class SolverConfig:
             (:mod:`pcdeq_plugin.warm_start`): ``"auto"`` (bfloat16 for large float32
             states of pcDEQ maps on hardware with fast bfloat16, off elsewhere), ``"off"``,
             ``"bf16"`` or ``"fp16"`` (forced). Final residuals, flags and the failure
-            policy always come from the full-precision phase.
+            policy always come from the full-precision phase (or from a certified upper
+            bound on its residual, see ``warm_refine``).
         warm_tol: Residual at which the warm phase hands over to full precision (it also
             stops at the low precision's floor).
         warm_refine: After the warm phase, a map that offers it (pcDEQ cells) takes one

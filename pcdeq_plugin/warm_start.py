@@ -6,7 +6,8 @@ warm phase iterates the map in low precision until every sample's residual is be
 warm tolerance or stops improving (the low precision's floor), projects the forward
 state onto the nonnegative orthant, and hands it to the configured float32 solve, which
 runs to ``tol`` exactly as from zero. Final residuals, converged flags and the failure
-policy therefore come from float32 and are per sample, as without a warm start.
+policy therefore come from float32 (or from a rigorous upper bound on the float32
+residual, below) and are per sample, as without a warm start.
 
 Why this is safe for pcDEQ: a positive concave map has a unique fixed point and plain
 iteration reaches it from **any** nonnegative start (nonlinear Perron-Frobenius theory,
