@@ -167,13 +167,9 @@ class PcDEQCellMap(FixedPointMap):
             out.copy_(block.linear_map(low, low_weight)).add_(a_base)
             return fn_(out) if fn_ is not None else out.copy_(fn(out))
 
-        gain = correction_error_gain(dtype, block.macs_per_element, roundings=3)
-        lipschitz = _LIPSCHITZ.get(fn)
-        error_bound = None
-        if gain is not None and lipschitz is not None and base.device.type == "cpu":
-            scale = lipschitz * gain * block.operator_norm_bound(self.weight)
-            error_bound = _distance_bound(base, scale)
-        return Refinement(image, corrected, error_bound)
+        # three roundings: z - base, W, their product
+        bound = _error_bound(block, self.weight, base, dtype, _LIPSCHITZ.get(fn), roundings=3)
+        return Refinement(image, corrected, bound)
 
     def linearized_step(self, z_star: torch.Tensor) -> LinearizedStep:
         """The differentiable step and its analytic adjoint.
@@ -240,26 +236,39 @@ class PcDEQCellMap(FixedPointMap):
                     low.copy_(torch.sub(y, base, out=out)).mul_(low_slope)
                     return out.copy_(block.transposed_map(low, low_weight)).add_(offset)
 
-                # five roundings (y - base, the slope, their product, W, W^T's product), the
-                # slope at most the activation's Lipschitz constant; the map is affine
-                gain = correction_error_gain(precision, block.macs_per_element, roundings=5)
-                error_bound = None
-                if gain is not None and max_slope is not None and base.device.type == "cpu":
-                    scale = max_slope * gain * block.operator_norm_bound(weight)
-                    error_bound = _distance_bound(base, scale)
+                    # five roundings (y - base, the slope, their product, W, the product); the
+
+                # slope is at most the activation's Lipschitz constant; the map is affine
+                bound = _error_bound(block, weight, base, precision, max_slope, roundings=5)
                 # the iterate is a copy: the caller reuses iterates' memory as buffers
-                return Refinement(offset.clone(), corrected, error_bound)
+                return Refinement(offset.clone(), corrected, bound)
 
             return refinement
 
         return LinearizedStep(out, adjoint, adjoint_in, adjoint_refinement)
 
 
-def _distance_bound(
-    base: torch.Tensor, scale: float
-) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]:
-    """``(z, work) -> scale * ||z - base||`` per sample (float32, on ``base``'s device);
-    ``z - base`` goes into ``work`` where given (no state-sized allocation)."""
+def _error_bound(
+    block: PcDEQBlock,
+    weight: torch.Tensor,
+    base: torch.Tensor,
+    dtype: torch.dtype,
+    slope_bound: float | None,
+    *,
+    roundings: int,
+) -> Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None:
+    """A corrected map's error bound ``(z, work) -> L c S ||z - base||`` per sample, or
+    ``None`` where it cannot be certified (an activation without a known slope bound
+    ``L``, a precision or device whose accumulation is not known to be float32).
+
+    ``c`` is :func:`correction_error_gain` for ``roundings`` roundings and ``S`` the
+    block's :meth:`~pcdeq_plugin.cells.PcDEQBlock.operator_norm_bound`; ``z - base``
+    goes into ``work`` where given (no state-sized allocation).
+    """
+    gain = correction_error_gain(dtype, block.macs_per_element, roundings)
+    if gain is None or slope_bound is None or base.device.type != "cpu":
+        return None
+    scale = slope_bound * gain * block.operator_norm_bound(weight)
     dims = tuple(range(1, base.dim()))
 
     def bound(z: torch.Tensor, work: torch.Tensor | None = None) -> torch.Tensor:
