@@ -14,6 +14,13 @@ copied into each):
   everything the network does except the fixed-point and adjoint iterations, so a lower
   bound on the time of any solver at these weights. Its ratio to the paper is the largest
   speed-up a faster solve could bring.
+* with ``--floor``, ``linear-map floor``: the 0-iteration bound plus, in every block, the
+  bare float32 linear maps (convolutions) of the paper's iteration counts on one training
+  batch (before the timed ones) and on the eval batch: ``k - 1`` maps ``W u`` in the forward pass (the first iteration is free
+  from zero) and ``k_b`` transposed maps ``W^T g`` in the backward pass, in ``ours``'
+  layout, and nothing else per iteration (no activation, injection, residual, check).
+  Its ratio to the paper is the largest speed-up of a float32 plain iteration that takes
+  the paper's iterations, if everything but its linear maps cost nothing.
 
 The speed options are detected, not assumed: a library without them gets no
 ``ours-plain`` (or ablation) variant, and the table says why.
@@ -23,12 +30,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from _paper_reference import paper_reference_model
+from _paper_reference import paper_records, paper_reference_model
 
 from pcdeq_plugin import ImplicitModel, SolverConfig, build_model, list_models
 from pcdeq_plugin.bench.datasets import load_mnist5k
@@ -38,9 +45,13 @@ __all__ = [
     "Case",
     "NUM_CLASSES",
     "BOUND",
+    "FLOOR",
+    "SolveCounts",
     "Variant",
     "Workload",
     "build_variants",
+    "linear_map_floor_model",
+    "paper_solve_counts",
     "ours_option",
     "parse_case",
     "plain_options",
@@ -193,6 +204,8 @@ class Variant:
     is_paper: bool = False
     #: a timing bound, not a solver: no answers to compare (see zero_iteration_model)
     is_bound: bool = False
+    #: the bound's iteration counts per phase (``fwd``, ``bwd``, ``eval``; the floor's)
+    counts: dict[str, int] | None = None
 
 
 BOUND = "0-iteration bound"
@@ -210,6 +223,86 @@ def zero_iteration_model(model: ImplicitModel) -> ImplicitModel:
         def forward(pre_injection: torch.Tensor, _block: Any = block) -> torch.Tensor:
             u = _block.injection(pre_injection)
             return _block.cell(torch.zeros_like(u), u)
+
+        block.forward = forward  # an instance attribute shadows the class's forward
+    return model
+
+
+FLOOR = "linear-map floor"
+
+
+@dataclasses.dataclass(frozen=True)
+class SolveCounts:
+    """One block's iterations in the paper's algorithm: training forward and backward, eval."""
+
+    forward: int
+    backward: int
+    evaluation: int
+
+
+def paper_solve_counts(
+    case: Case,
+    weights: dict[str, torch.Tensor],
+    data: Workload,
+    *,
+    device: torch.device,
+    tol: float,
+) -> list[SolveCounts]:
+    """Each block's paper iterations on the first training batch and the eval batch.
+
+    Measured on a copy of the paper variant (forward and backward, no optimizer step), so
+    no timed model's weights or BatchNorm statistics change.
+    """
+    model = _build(case, device, **plain_options(case))
+    model.load_state_dict(weights)
+    paper_reference_model(model, tol=tol)
+    model.eval()  # first: the training forward below updates the BatchNorm statistics
+    with torch.no_grad():
+        model(data.test_chunks()[0])
+    evaluated = [r.forward_iterations for r in paper_records(model)]
+    x, y = next(data.train_batches())
+    model.train()
+    F.cross_entropy(model(x), y).backward()
+    return [
+        SolveCounts(r.forward_iterations, r.backward_iterations or 0, evaluation)
+        for r, evaluation in zip(paper_records(model), evaluated)
+    ]
+
+
+def linear_map_floor_model(model: ImplicitModel, counts: Sequence[SolveCounts]) -> ImplicitModel:
+    """The 0-iteration ``model`` plus the bare linear maps of ``counts``' iterations, in place.
+
+    Per block: forward, one differentiable cell evaluation at ``z = 0`` (as
+    :func:`zero_iteration_model`) and ``k - 1`` linear maps of the injection under
+    ``no_grad`` (``k`` the training or evaluation count); backward, a hook that applies
+    ``k_b`` transposed maps to the incoming gradient and leaves it unchanged. The maps'
+    results are dropped, and their input is the same tensor every time (repeated maps of
+    a contraction would decay towards denormals, which are slow on a CPU).
+    """
+    blocks = model.implicit_blocks()
+    if len(counts) != len(blocks):
+        raise ValueError(f"{len(counts)} solve counts for {len(blocks)} blocks")
+    for block, count in zip(blocks, counts):
+
+        def forward(
+            pre_injection: torch.Tensor, _block: Any = block, _count: SolveCounts = count
+        ) -> torch.Tensor:
+            u = _block.injection(pre_injection)
+            z = _block.cell(torch.zeros_like(u), u)
+            weight = _block.weight.detach()
+            training = torch.is_grad_enabled()
+            with torch.no_grad():
+                state = u.detach()
+                for _ in range((_count.forward if training else _count.evaluation) - 1):
+                    _block.linear_map(state, weight)
+            if z.requires_grad and _count.backward:
+
+                def hook(grad: torch.Tensor) -> None:
+                    for _ in range(_count.backward):
+                        _block.transposed_map(grad, weight)
+
+                z.register_hook(hook)
+            return z
 
         block.forward = forward  # an instance attribute shadows the class's forward
     return model
@@ -250,8 +343,13 @@ def build_variants(
     ours_options: dict[str, Any],
     ablations: bool,
     bound: bool = False,
+    floor: Sequence[SolveCounts] | None = None,
 ) -> tuple[list[Variant], list[str]]:
-    """The case's variants, each loaded with ``weights``; and notes on skipped variants."""
+    """The case's variants, each loaded with ``weights``; and notes on skipped variants.
+
+    ``floor``: the paper's per-block iteration counts (:func:`paper_solve_counts`) for a
+    :data:`FLOOR` variant, or ``None`` for none.
+    """
     plain = plain_options(case)
     solver = {"tol": tol}
     specs: list[tuple[str, dict[str, Any], bool]] = [("paper", plain, True)]
@@ -280,15 +378,27 @@ def build_variants(
                 notes.append(f"{case.label}: {name} skipped: no {key} option to force off here")
     if bound:
         specs.append((BOUND, {**solver, **ours_options}, False))
+    if floor is not None:
+        specs.append((FLOOR, {**solver, **ours_options}, False))
     variants = []
     for name, options, is_paper in specs:
         model = _build(case, device, **options)
         model.load_state_dict(weights)
         if is_paper:
             paper_reference_model(model, tol=tol)
+        counts = None
         if name == BOUND:
             zero_iteration_model(model)
-        variants.append(Variant(name, model, is_paper, is_bound=name == BOUND))
+        elif name == FLOOR:
+            assert floor is not None
+            linear_map_floor_model(model, floor)
+            counts = {
+                "fwd": sum(c.forward - 1 for c in floor),
+                "bwd": sum(c.backward for c in floor),
+                "eval": sum(c.evaluation - 1 for c in floor),
+            }
+        bounded = name in (BOUND, FLOOR)
+        variants.append(Variant(name, model, is_paper, is_bound=bounded, counts=counts))
     return variants, notes
 
 

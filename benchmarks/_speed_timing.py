@@ -40,8 +40,11 @@ def _none(*prefixes: str, total: int | None = 0) -> dict[str, int | None]:
 def _iterations(variant: Variant) -> dict[str, int | None]:
     """Forward and backward iterations of the latest training step (summed over blocks),
     and of those the warm start's and the refinement's corrections."""
-    if variant.is_bound:  # no solves
-        return _none("fwd", "bwd")
+    if variant.is_bound:  # no solves (the floor: its bare linear maps)
+        out = _none("fwd", "bwd")
+        if variant.counts is not None:
+            out.update(fwd=variant.counts["fwd"], bwd=variant.counts["bwd"])
+        return out
     if variant.is_paper:
         records = paper_records(variant.model)
         out = _none("fwd", "bwd")
@@ -56,7 +59,7 @@ def _iterations(variant: Variant) -> dict[str, int | None]:
 def _eval_iterations(variant: Variant) -> dict[str, int | None]:
     """Forward iterations of the latest evaluation forward (summed over blocks)."""
     if variant.is_bound:
-        return _none("eval")
+        return _none("eval", total=variant.counts["eval"] if variant.counts else 0)
     if variant.is_paper:
         out = _none("eval")
         out["eval"] = sum(r.forward_iterations for r in paper_records(variant.model))

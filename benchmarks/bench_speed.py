@@ -21,6 +21,10 @@ with the speed options off; ``ours``: our defaults) and reports, in one process:
   residual of the returned fixed points, recomputed in float64; ``within tol``: the fraction
   of samples (and blocks) below ``--tol``.
 
+``--bound`` and ``--floor`` add two timing bounds (no answers; see ``_speed_setup.py``):
+the network with 0-iteration solves, and that network plus the bare float32 linear maps
+of the paper's iteration counts.
+
 Each thread setting (``--threads 1,all``) rebuilds the variants from the same weights. It
 never asserts on time. Example (the full table)::
 
@@ -46,6 +50,7 @@ from _speed_setup import (  # noqa: E402
     Case,
     build_variants,
     ours_option,
+    paper_solve_counts,
     parse_case,
     warm_up_weights,
     workload,
@@ -64,6 +69,9 @@ def bench_case(case: Case, args: argparse.Namespace, device: torch.device) -> tu
         case, data, steps=args.warmup_steps, device=device, seed=args.seed, tol=args.tol
     )
     rows, notes, agree = [], [], None
+    floor = None
+    if args.floor:
+        floor = paper_solve_counts(case, weights, data, device=device, tol=args.tol)
     for threads in args.threads:
         torch.set_num_threads(threads)
         variants, notes = build_variants(
@@ -74,6 +82,7 @@ def bench_case(case: Case, args: argparse.Namespace, device: torch.device) -> tu
             ours_options=args.options,
             ablations=args.ablations,
             bound=args.bound,
+            floor=floor,
         )
         if agree is None:  # before any timed step changes the weights
             agree = agreement(variants, data.test_chunks(), args.tol)
@@ -184,6 +193,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--bound",
         action="store_true",
         help="also the network with 0-iteration solves: the fastest any solver could be",
+    )
+    parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="also the 0-iteration network plus the bare float32 linear maps of the paper's "
+        "iteration counts: the fastest a float32 plain iteration could be",
     )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

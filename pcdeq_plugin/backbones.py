@@ -137,9 +137,19 @@ class ConvBackbone(_Backbone):
 
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
         # Every later activation (cells, BatchNorm, pools, the solver's states) inherits
-        # the layout. Applied to the input and again to the stem's output: a 1-channel
-        # image is NCHW and NHWC at once, and its convolution would answer in NCHW.
-        return x.contiguous(memory_format=resolve_memory_format(self.memory_format, x.device))
+        # the layout. Applied to the input and again to the stem's output (a no-op when
+        # the stem answered in the layout already).
+        memory_format = resolve_memory_format(self.memory_format, x.device)
+        if memory_format == torch.channels_last and x.shape[1] == 1 and x.is_contiguous():
+            # A 1-channel image is NCHW and NHWC at once, and PyTorch reads it as NCHW, so
+            # the stem's convolution would answer in NCHW and its output (and gradient)
+            # would be copied to NHWC. The same memory viewed with NHWC strides (the
+            # channel's stride 1) makes the stem answer in NHWC: one thread, batch 64,
+            # 28x28, 12 channels 1.8 -> 1.0 ms forward, 4.2 -> 1.4 ms backward; 82
+            # channels 13.2 -> 4.4 ms and 19.3 -> 6.5 ms.
+            batch, _, height, width = x.shape
+            return x.view(batch, height, width, 1).permute(0, 3, 1, 2)
+        return x.contiguous(memory_format=memory_format)
 
 
 class SingleConvBackbone(ConvBackbone):

@@ -256,7 +256,7 @@ class PcDEQBlock(ImplicitBlock):
             cell_map = PcDEQCellMap(self, u, self.weight)
             return solve_implicit(
                 cell_map,
-                torch.zeros_like(u),
+                u.detach(),  # the template of the state: the solve starts from zero
                 self.config,
                 self.last_stats,
                 solvers=self._solvers,

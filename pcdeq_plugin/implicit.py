@@ -109,10 +109,12 @@ def solve_implicit(
             ``stats.backward`` during backward (it is reset to ``None`` on each forward).
         solvers: The ``(forward, backward)`` solvers of ``config`` if the caller built
             them already (:func:`make_solvers`); saves the registry lookups per call.
-        zero_start: ``True`` promises that ``z0`` is all zeros (the pcDEQ start), which
-            saves a pass over it; ``None`` tests it. From zero, a map that knows ``f(0)``
-            (:meth:`~pcdeq_plugin.maps.FixedPointMap.image_of_zero`) starts from there: the
-            first iteration costs no evaluation (it is still counted).
+        zero_start: ``True``: the solve starts from zeros (the pcDEQ start) and ``z0`` is
+            only a template (shape, dtype, device, layout; its values are not read), so the
+            caller need not fill a state-sized tensor with zeros; ``False``: it starts from
+            ``z0``; ``None`` tests whether ``z0`` is all zeros. From zero, a map that knows
+            ``f(0)`` (:meth:`~pcdeq_plugin.maps.FixedPointMap.image_of_zero`) starts from
+            there: the first iteration costs no evaluation (it is still counted).
 
     Returns:
         ``z*`` (float32 if the input was half precision or autocast was on). Under
@@ -375,7 +377,8 @@ def _solve(
         )
         before = 0
     else:
-        result = solver(f, z0, tol=tol, max_iter=max_iter, check_every=check_every)
+        start_at = torch.zeros_like(z0) if zero_start else z0  # z0: a template from zero
+        result = solver(f, start_at, tol=tol, max_iter=max_iter, check_every=check_every)
         before = 0
     if before:
         result.stats = dataclasses.replace(

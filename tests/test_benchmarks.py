@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import math
 import sys
@@ -254,6 +255,54 @@ def test_bench_speed_bound_row_times_the_network_without_iterations(capsys):
     assert all(bound[k] is None for k in ("z_rel", "same_pred", "worst_residual"))
     assert {r["variant"] for r in rows[:-1]} >= {"paper", "ours"}  # the others unchanged
     assert all(r["within_tol"] == 1.0 for r in rows[:-1])
+
+
+def test_bench_speed_floor_row_runs_the_papers_linear_maps_and_nothing_else(capsys):
+    bench = load_script("bench_speed")
+    from _speed_setup import (
+        BOUND,
+        FLOOR,
+        SolveCounts,
+        linear_map_floor_model,
+        zero_iteration_model,
+    )
+
+    from pcdeq_plugin import build_model
+
+    args = ["--models", "pcdeq-multi-conv-2", "--repeats", "1", "--batch", "4", "--floor"]
+    rows = bench.main([*args, "--bound", "--warmup-steps", "1", "--test-samples", "8"])
+    out = capsys.readouterr().out
+    paper, floor = rows[0], rows[-1]
+    assert [r["variant"] for r in rows[-2:]] == [BOUND, FLOOR] and f"| {FLOOR} |" in out
+    # one linear map fewer than the paper's iterations per block forward (f(0) is free);
+    # the counts come from one batch before the timed steps, so within a step per block
+    assert abs(floor["fwd_it"] + 3 - paper["fwd_it"]) <= 3 and floor["fwd_it"] >= 3
+    assert abs(floor["bwd_it"] - paper["bwd_it"]) <= 3 and floor["bwd_it"] >= 3
+    assert floor["eval_it"] + 3 == paper["eval_it"] and floor["train_ms"] > 0
+    assert all(floor[k] is None for k in ("z_rel", "same_pred", "worst_residual"))
+
+    # the floor model: k - 1 linear maps forward, k_b transposed maps backward, and the
+    # 0-iteration network's output
+    model = build_model("pcdeq-single-conv-1", (1, 28, 28), 10, preset="small")
+    reference = zero_iteration_model(copy.deepcopy(model))
+    linear_map_floor_model(model, [SolveCounts(forward=4, backward=3, evaluation=6)])
+    block = model.block
+    calls = []
+    block.linear_map = lambda z, w=None, _f=block.linear_map: calls.append("W") or _f(z, w)
+    block.transposed_map = lambda y, w, _f=block.transposed_map: calls.append("WT") or _f(y, w)
+    x = torch.rand(2, 1, 28, 28)
+    model(x).sum().backward()
+    reference(x).sum().backward()
+    assert calls.count("W") == 1 + 3 and calls.count("WT") == 3  # the cell's own map + 3
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)  # the hooks change no gradient
+    calls.clear()
+    model.eval(), reference.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x))
+    assert calls.count("W") == 1 + 5 and "WT" not in calls
+    with pytest.raises(ValueError, match="2 solve counts for 1 blocks"):
+        linear_map_floor_model(model, [SolveCounts(1, 1, 1)] * 2)
 
 
 @pytest.mark.parametrize(

@@ -93,6 +93,36 @@ def test_auto_layout_is_chosen_per_device() -> None:
     assert outputs[0].is_contiguous(memory_format=torch.channels_last)  # auto on the CPU
 
 
+@pytest.mark.parametrize("name", ["pcdeq-single-conv-1", "pcdeq-multi-conv-2"])
+def test_a_one_channel_image_is_viewed_nhwc_so_the_stem_answers_nhwc(name: str) -> None:
+    # A [B, 1, H, W] image is NCHW and NHWC at once and PyTorch reads it as NCHW; viewed
+    # with NHWC strides (no copy) the stem's convolution answers in NHWC itself
+    model = P.build_model(name, MNIST, 10, preset="small", memory_format="channels_last")
+    nchw = P.build_model(name, MNIST, 10, preset="small", memory_format="contiguous")
+    nchw.load_state_dict(model.state_dict())
+    stems: list[torch.Tensor] = []
+    model.conv1.register_forward_hook(lambda _m, inputs, out: stems.extend((inputs[0], out)))
+    x = torch.rand(3, *MNIST)
+    x_l, x_c = x.clone().requires_grad_(), x.clone().requires_grad_()
+    logits = model(x_l)
+    stem_in, stem_out = stems
+    assert stem_in.data_ptr() == x_l.data_ptr() and stem_in.stride(1) == 1  # a view
+    assert stem_out.is_contiguous(memory_format=torch.channels_last)
+    assert not stem_out.is_contiguous()
+    # the input gradient (adversarial attacks need it) comes back NCHW, equal to NCHW's
+    logits.sum().backward()
+    nchw(x_c).sum().backward()
+    assert x_l.grad.is_contiguous() and x_l.grad.shape == x.shape
+    torch.testing.assert_close(x_l.grad, x_c.grad, rtol=1e-3, atol=1e-5)
+    # a 3-channel image is not ambiguous: laid out by a copy as before
+    rgb = P.build_model(name, (3, 8, 8) if "single" in name else (3, 9, 9), 10, preset="small")
+    seen: list[torch.Tensor] = []
+    rgb.conv1.register_forward_hook(lambda _m, inputs, out: seen.append(out))
+    with torch.no_grad():
+        rgb(torch.rand(2, 3, *((8, 8) if "single" in name else (9, 9))))
+    assert seen[0].is_contiguous(memory_format=torch.channels_last)
+
+
 def test_bad_memory_format_is_refused_with_the_choices() -> None:
     # the message names the bad value and lists the choices (whatever its wording)
     with pytest.raises(ValueError, match="memory_format 'nhwc'.*auto, channels_last, contiguous"):
@@ -173,6 +203,28 @@ def test_a_solve_from_zero_skips_only_the_first_linear_map(kind: str, warm_start
         assert abs(stats_short.forward.iterations - stats.forward.iterations) <= 1
         torch.testing.assert_close(shortcut, plain, rtol=0, atol=1e-4)
         assert bool(stats_short.forward.converged.all())
+
+
+@pytest.mark.parametrize("knows_image", [True, False])
+@pytest.mark.parametrize("max_iter", [1, 50])
+def test_a_zero_start_reads_only_the_template(knows_image: bool, max_iter: int) -> None:
+    # zero_start=True: z0 gives shape, dtype and layout; its values are never read (the
+    # block passes its injection instead of filling a state-sized tensor with zeros)
+    block = PcDEQConv(6, init_scale=0.05)
+    pre = pre_injection("conv", n=6, batch=3, dtype=torch.float32)
+    config = P.SolverConfig(tol=1e-5, max_iter=max_iter, warm_start="off", on_failure="ignore")
+    answers = []
+    with torch.no_grad():
+        u = block.injection(pre)
+        for template in (torch.zeros_like(u), torch.full_like(u, 7.0)):
+            cell_map = PcDEQCellMap(block, u, block.weight)
+            if not knows_image:
+                cell_map.image_of_zero = lambda: None
+            stats = P.BlockStats("b")
+            answers.append(P.solve_implicit(cell_map, template, config, stats, zero_start=True))
+            answers.append(stats.forward.iterations)
+    assert torch.equal(answers[0], answers[2]) and answers[1] == answers[3]
+    assert (answers[1] == 1) == (max_iter == 1)  # the cap, or a real solve
 
 
 def test_a_nonzero_start_is_iterated_from_itself() -> None:
