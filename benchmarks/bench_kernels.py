@@ -21,6 +21,10 @@ channels of multi-conv, 16 for comparison, 82 of single-conv), one table per que
   self time of its 12-channel stage's BatchNorms and layout copies (PyTorch profiler)
   under ``memory_format="auto"`` (NCHW BatchNorm on several threads, see
   :mod:`pcdeq_plugin.norms`) and forced ``"channels_last"``;
+* ``stem``: the 3x3 stem convolution of a 1-channel 28x28 image to 12 and 82 channels,
+  forward and backward (weight and bias gradients), with the image as PyTorch reads it
+  (NCHW, so the output and its gradient are copied to channels-last) against the image
+  viewed with channels-last strides (``ConvBackbone._layout``: the stem answers NHWC);
 * ``epilogue`` (only with ``--compile``; compiling takes seconds): ``tanh(a + u)``,
   ``f(z) - z`` and both per-sample norms as five eager operations against one
   ``torch.compile`` kernel.
@@ -47,9 +51,10 @@ if str(Path(__file__).resolve().parent) not in sys.path:  # loaded by path (test
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import all_threads, cpu_model, thread_settings  # noqa: E402
 
+from pcdeq_plugin.backbones import ConvBackbone  # noqa: E402
 from pcdeq_plugin.pooling import separable_max_pool_3x3  # noqa: E402
 
-SECTIONS = ("batchnorm", "maxpool", "softplus", "casts", "convs", "stage", "epilogue")
+SECTIONS = ("batchnorm", "maxpool", "softplus", "casts", "convs", "stage", "stem", "epilogue")
 #: (channels, side) of the states timed: multi-conv's 12 @ 28 and 24 @ 13, 16 @ 28 for
 #: comparison, single-conv's 82 @ 28
 SHAPES: tuple[tuple[int, int], ...] = ((12, 28), (16, 28), (24, 13), (82, 28))
@@ -307,6 +312,46 @@ def stage_rows(batch: int, repeats: int) -> list[dict[str, Any]]:
     ]  # fmt: skip
 
 
+def _stem_case(batch: int, channels: int, repeats: int) -> list[dict[str, Any]]:
+    generator = torch.Generator().manual_seed(channels)
+    image = torch.rand(batch, 1, 28, 28, generator=generator)  # NCHW, as a loader gives it
+    conv = torch.nn.Conv2d(1, channels, 3, padding=1)
+    viewed = ConvBackbone(  # the library's layout step, on a bare backbone
+        (1, 28, 28), "channels_last"
+    )._layout(image)
+    forms = {
+        "NCHW image, output copied to NHWC": lambda: conv(image).contiguous(memory_format=CL),
+        "image viewed NHWC (ours)": lambda: conv(viewed),
+    }
+    reference = forms["NCHW image, output copied to NHWC"]().detach()
+    rows = []
+    label = f"1 -> {channels} ch @ 28x28"
+    for name, forward in forms.items():
+        out = forward()
+        grad = torch.randn_like(out)
+        params = list(conv.parameters())
+        rows.append(
+            {"state": label, "variant": f"{name}, forward", "ms": median_ms(forward, repeats),
+             "rel": _rel(out.detach(), reference)}
+        )  # fmt: skip
+
+        def backward(
+            forward: Callable[[], torch.Tensor] = forward,
+            params: list[torch.Tensor] = params,
+            grad: torch.Tensor = grad,
+        ) -> None:
+            torch.autograd.grad(forward(), params, grad)
+
+        # the backward alone: forward + backward minus the forward just timed
+        total = median_ms(backward, repeats)
+        rows.append({"state": label, "variant": f"{name}, backward", "ms": total - rows[-1]["ms"]})
+    return rows
+
+
+def stem_rows(batch: int, repeats: int) -> list[dict[str, Any]]:
+    return [r for channels in (12, 82) for r in _stem_case(batch, channels, repeats)]
+
+
 RUNNERS: dict[str, Callable[[int, int], list[dict[str, Any]]]] = {
     "batchnorm": batchnorm_rows,
     "maxpool": maxpool_rows,
@@ -315,6 +360,7 @@ RUNNERS: dict[str, Callable[[int, int], list[dict[str, Any]]]] = {
     "convs": convs_rows,
     "epilogue": epilogue_rows,
     "stage": stage_rows,
+    "stem": stem_rows,
 }
 
 

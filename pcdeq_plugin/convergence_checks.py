@@ -25,6 +25,12 @@ __all__ = ["HOST_CHECK_DEVICES", "CheckSchedule", "DeviceChecks", "HostChecks"]
 #: on the CPU by emptying this tuple).
 HOST_CHECK_DEVICES: tuple[str, ...] = ("cpu",)
 
+#: An early check (at the floor of the predicted iterations) is placed only where it
+#: could pass with a residual at most this many times below the observed rate's
+#: prediction; where it would need more, the rate would have to improve far beyond what
+#: was observed, and the check would almost surely be wasted.
+EARLY_CHECK_GAIN = 2.0
+
 
 class CheckSchedule:
     """Which iterations test convergence: every ``k``-th, or predicted from the rate.
@@ -32,12 +38,15 @@ class CheckSchedule:
     The prediction places the next check where the worst open sample meets ``tol`` at the
     rate observed between the last two checks. It rounds down (check early, never iterate
     past the prediction) where a check is cheaper than an evaluation of the map, as for
-    large states on the CPU; it rounds up (risk one extra evaluation to save a check)
+    large states on the CPU, unless the early check could pass only with a residual more
+    than :data:`EARLY_CHECK_GAIN` times below the prediction (a fast rate ``q`` and a
+    prediction ``n + f``, ``0 < f < 1``, iterations away: ``(1/q)^f > 2``; for ``q = 0.07``
+    and ``f = 0.45``, 3.3 times); it rounds up (risk one extra evaluation to save a check)
     where a check costs more: small states, whose cost is per-operation overhead, and
     accelerators, where a check is a host synchronisation. The choice depends only on the
-    state's size and device, never on timings, so a solve is reproducible. A skip is at
-    most half the iterations done so far, so a rate measured too early costs at most a
-    few extra iterations.
+    state's size and device and on the observed residuals, never on timings, so a solve
+    is reproducible. A skip is at most half the iterations done so far (at least two),
+    so a rate measured too early costs at most a few extra iterations.
     """
 
     def __init__(
@@ -71,11 +80,17 @@ class CheckSchedule:
                 rate = (worst / r_j) ** (1.0 / (k - j))
                 needed = math.log(self.tol / worst) / math.log(rate)
                 if math.isfinite(needed):
-                    step = max(1, math.ceil(needed) if round_up else math.floor(needed))
+                    early = math.floor(needed)
+                    # rate ** (early - needed): how far below the prediction the residual
+                    # must fall for a check at the floor to pass
+                    if round_up or rate ** (early - needed) > EARLY_CHECK_GAIN:
+                        early = math.ceil(needed)
+                    step = max(1, early)
         # Before the iteration reaches its geometric regime (a state still growing from
         # zero keeps its relative residual near 1) a rate can predict far too long a
-        # skip: never skip more than half the iterations done so far.
-        self.next = k + min(step, max(1, k // 2))
+        # skip: never skip more than half the iterations done so far (or two, which
+        # risks one extra iteration at most: the skip of a check that could not pass).
+        self.next = k + min(step, max(2, k // 2))
 
 
 class HostChecks:

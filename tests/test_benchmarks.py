@@ -386,7 +386,7 @@ def test_bench_speed_variants_share_weights_and_switch_one_option_each():
 
 def test_bench_kernels_prints_each_section_with_the_answers_compared(capsys):
     bench = load_script("bench_kernels")
-    sections = ["batchnorm", "maxpool", "softplus", "casts", "convs", "stage"]
+    sections = ["batchnorm", "maxpool", "softplus", "casts", "convs", "stage", "stem"]
     results = bench.main(["--batch", "2", "--repeats", "1", "--sections", ",".join(sections)])
     out = capsys.readouterr().out
     assert list(results) == sections
@@ -404,6 +404,8 @@ def test_bench_kernels_prints_each_section_with_the_answers_compared(capsys):
     parts = [v for (_, name), v in convs.items() if name.startswith("three bfloat16 parts")]
     assert all(v < 1e-4 for v in parts)  # float32-accurate where the mode exists
     assert "minor page faults" in out
+    stem = {r["variant"]: r for r in results["stem"] if r["state"] == "1 -> 12 ch @ 28x28"}
+    assert stem["image viewed NHWC (ours), forward"]["rel"] < 1e-6  # the same convolution
 
 
 def test_bench_kernels_rejects_bad_arguments(capsys):

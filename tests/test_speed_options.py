@@ -280,6 +280,30 @@ def test_predicted_checks_do_not_overshoot_after_a_slow_transient(float64) -> No
             _compare_schedules(f, z0, tol, f"batched_small_maps(seed={seed}, tol={tol})")
 
 
+def test_an_early_check_is_placed_only_where_it_could_pass() -> None:
+    from pcdeq_plugin.convergence_checks import EARLY_CHECK_GAIN, CheckSchedule
+
+    # a fast rate: from the zero-start prior (1, 1.0) to 4.8e-3 at iteration 3 is q = 0.069
+    # per iteration, so tol 1e-4 is 1.45 iterations away; a check at iteration 4 could
+    # pass only if the residual fell 3.3 times below the prediction: check at 5 instead
+    schedule = CheckSchedule(None, 1e-4, 100, zero_start=True)
+    schedule.observe(3, 4.76e-3, round_up=False)
+    assert schedule.next == 5 and EARLY_CHECK_GAIN < 0.069**-0.445
+    # a slow rate (q = 0.9): the floor of the prediction needs under 2x, so it checks early
+    slow = CheckSchedule(None, 1e-4, 1000, zero_start=False)
+    slow.observe(20, 1e-2, round_up=False)
+    slow.observe(30, 1e-2 * 0.9**10, round_up=False)  # needed = 33.6 more iterations
+    assert slow.next == 30 + min(33, 15)  # the floor, capped at half the iterations done
+    slow.observe(45, 1e-2 * 0.9**25, round_up=False)  # needed 18.7: the floor, 18
+    assert slow.next == 45 + 18
+    # where a check costs more than an evaluation (round_up) the ceiling, as before
+    cheap = CheckSchedule(None, 1e-4, 1000, zero_start=False)
+    cheap.observe(20, 1e-2, round_up=True)
+    cheap.observe(30, 1e-2 * 0.9**10, round_up=True)
+    cheap.observe(45, 1e-2 * 0.9**25, round_up=True)
+    assert cheap.next == 45 + 19
+
+
 def test_predicted_checks_are_deterministic(float64) -> None:
     solver = P.get_solver("fixed_point")
     problems = [*_problems(), ("batched_small_maps", *batched_small_maps(batch=16))]
