@@ -144,9 +144,8 @@ class ConvBackbone(_Backbone):
             # A 1-channel image is NCHW and NHWC at once, and PyTorch reads it as NCHW, so
             # the stem's convolution would answer in NCHW and its output (and gradient)
             # would be copied to NHWC. The same memory viewed with NHWC strides (the
-            # channel's stride 1) makes the stem answer in NHWC: one thread, batch 64,
-            # 28x28, 12 channels 1.8 -> 1.0 ms forward, 4.2 -> 1.4 ms backward; 82
-            # channels 13.2 -> 4.4 ms and 19.3 -> 6.5 ms.
+            # channel's stride 1) makes the stem answer in NHWC, 1.6-3x faster forward and
+            # about 2x backward here (`benchmarks/bench_kernels.py --sections stem`).
             batch, _, height, width = x.shape
             return x.view(batch, height, width, 1).permute(0, 3, 1, 2)
         return x.contiguous(memory_format=memory_format)

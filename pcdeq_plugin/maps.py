@@ -40,9 +40,12 @@ __all__ = [
 
 MapFn = Callable[[torch.Tensor], torch.Tensor]
 #: Below this many state elements a map is dominated by per-operation overhead, not by
-#: arithmetic, and the casts of a low-precision warm start cost more than they save
-#: (measured on the linear pcDEQ nets: 64 x 80 states).
-MIN_WARM_START_ELEMENTS = 1 << 16
+#: arithmetic, and a low-precision warm start costs more than it saves: its casts, the
+#: refinement's probe and bound add some 350 operations per solve (measured here on the
+#: multi-conv nets' third block, 64 x 48 x 6 x 6 = 110,592 elements: its evaluation was
+#: 0.2-2.3 ms slower with the warm start than without, one and two threads, in five of
+#: six interleaved comparisons; the linear nets' 64 x 80 states lose more).
+MIN_WARM_START_ELEMENTS = 1 << 18
 
 #: ``(z, out) -> f~(z)``: a refinement's corrected map, written into ``out`` (a buffer
 #: shaped like ``z`` that does not overlap it) and returned. The caller reuses earlier

@@ -13,7 +13,7 @@ import pcdeq_plugin.warm_start as warm_start
 from pcdeq_plugin.cell_map import PcDEQCellMap
 from pcdeq_plugin.cells import PcDEQConv, PcDEQLinear
 from pcdeq_plugin.implicit import solve_implicit
-from pcdeq_plugin.maps import FixedPointMap
+from pcdeq_plugin.maps import MIN_WARM_START_ELEMENTS, FixedPointMap
 from pcdeq_plugin.warm_start import resolve_warm_start, warm_iterate
 
 LOW = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -136,13 +136,16 @@ def _cell_map(block, state_shape, dtype=torch.float32) -> tuple[PcDEQCellMap, to
 @pytest.mark.parametrize("fast", [True, False])
 def test_auto_is_on_only_for_large_float32_pcdeq_states_on_fast_bf16(monkeypatch, fast) -> None:
     monkeypatch.setattr(warm_start, "has_fast_bf16", lambda device: fast)
-    # large state (65,536 elements) of a compute-bound cell (32 x 3 x 3 = 288 MACs each)
-    big, z_big = _cell_map(PcDEQConv(32), (2, 32, 32, 32))
+    # large state (262,144 elements) of a compute-bound cell (32 x 3 x 3 = 288 MACs each)
+    big, z_big = _cell_map(PcDEQConv(32), (8, 32, 32, 32))
+    assert z_big.numel() == MIN_WARM_START_ELEMENTS
     assert resolve_warm_start("auto", z_big, big) == (torch.bfloat16 if fast else None)
-    wide, z_wide = _cell_map(PcDEQLinear(256), (256, 256))
+    wide, z_wide = _cell_map(PcDEQLinear(256), (1024, 256))
     assert resolve_warm_start("auto", z_wide, wide) == (torch.bfloat16 if fast else None)
     off_cases = {
         "small state": _cell_map(PcDEQConv(32), (2, 32, 4, 4)),
+        # multi-conv's third block at batch 64 (110,592 elements, 432 MACs each)
+        "a state below the threshold": _cell_map(PcDEQConv(48), (64, 48, 6, 6)),
         "few channels (72 MACs per element)": _cell_map(PcDEQConv(8), (8, 8, 32, 32)),
         "float64 state": _cell_map(PcDEQConv(32), (2, 32, 32, 32), torch.float64),
         "plain callable": (lambda z: torch.tanh(z + 1.0), z_big),
@@ -161,7 +164,7 @@ def test_auto_reaches_the_solve_of_a_large_block(monkeypatch, fast) -> None:
     block = PcDEQConv(32, init_scale=0.01, config=P.SolverConfig(on_failure="raise"))
     assert block.config.warm_start == "auto"
     with torch.no_grad():
-        block(torch.randn(2, 32, 32, 32))
+        block(torch.randn(8, 32, 32, 32))  # MIN_WARM_START_ELEMENTS
     record = block.last_stats.forward
     assert record.all_converged
     assert (record.warm_iterations > 0) == fast
