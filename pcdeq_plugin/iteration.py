@@ -15,7 +15,9 @@ statistics. It is written for maps that cost microseconds as well as for large o
   adjoint) converges geometrically, so after two checks the worst open sample's rate
   ``q`` gives the iterations still needed, ``log(tol / r) / log(q)``; the next check is
   placed at the floor of that prediction (never later than the sample could meet the
-  tolerance at the observed rate), then every iteration until it does. Checks are thus
+  tolerance at the observed rate; at its ceiling where a check costs more than an
+  evaluation, or where the floor could pass only if the residual fell more than twice
+  below the prediction), then every iteration until it does. Checks are thus
   skipped only where they could not have stopped the loop at the observed rate, which
   saves most checks of a small map and most synchronisations on a GPU. The convergence
   test itself is the same at every check.
