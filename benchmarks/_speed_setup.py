@@ -16,9 +16,10 @@ copied into each):
   speed-up a faster solve could bring.
 * with ``--floor``, ``linear-map floor``: the 0-iteration bound plus, in every block, the
   bare float32 linear maps (convolutions) of the paper's iteration counts on one training
-  batch (before the timed ones) and on the eval batch: ``k - 1`` maps ``W u`` in the forward pass (the first iteration is free
-  from zero) and ``k_b`` transposed maps ``W^T g`` in the backward pass, in ``ours``'
-  layout, and nothing else per iteration (no activation, injection, residual, check).
+  batch (before the timed ones) and on the eval batch: ``k - 1`` maps ``W z`` in the
+  forward pass (the first iteration is free from zero) and ``k_b`` transposed maps
+  ``W^T g`` in the backward pass, in ``ours``' layout, and nothing else per iteration
+  (no activation, injection, residual, check).
   Its ratio to the paper is the largest speed-up of a float32 plain iteration that takes
   the paper's iterations, if everything but its linear maps cost nothing.
 
@@ -272,27 +273,30 @@ def paper_solve_counts(
 def linear_map_floor_model(model: ImplicitModel, counts: Sequence[SolveCounts]) -> ImplicitModel:
     """The 0-iteration ``model`` plus the bare linear maps of ``counts``' iterations, in place.
 
-    Per block: forward, one differentiable cell evaluation at ``z = 0`` (as
-    :func:`zero_iteration_model`) and ``k - 1`` linear maps of the injection under
-    ``no_grad`` (``k`` the training or evaluation count); backward, a hook that applies
-    ``k_b`` transposed maps to the incoming gradient and leaves it unchanged. The maps'
-    results are dropped, and their input is the same tensor every time (repeated maps of
-    a contraction would decay towards denormals, which are slow on a CPU).
+    Per block: forward, the :func:`zero_iteration_model` step (one differentiable cell
+    evaluation at ``z = 0``) and ``k - 1`` linear maps of its output under ``no_grad``
+    (``k`` the training or evaluation count); backward, a hook that applies ``k_b``
+    transposed maps to the incoming gradient and leaves it unchanged. The maps' results
+    are dropped, and their input is the same tensor every time (repeated maps of a
+    contraction would decay towards denormals, which are slow on a CPU).
     """
     blocks = model.implicit_blocks()
     if len(counts) != len(blocks):
         raise ValueError(f"{len(counts)} solve counts for {len(blocks)} blocks")
+    zero_iteration_model(model)
     for block, count in zip(blocks, counts):
 
         def forward(
-            pre_injection: torch.Tensor, _block: Any = block, _count: SolveCounts = count
+            pre_injection: torch.Tensor,
+            _block: Any = block,
+            _count: SolveCounts = count,
+            _zero_iteration: Any = block.forward,
         ) -> torch.Tensor:
-            u = _block.injection(pre_injection)
-            z = _block.cell(torch.zeros_like(u), u)
+            z = _zero_iteration(pre_injection)
             weight = _block.weight.detach()
             training = torch.is_grad_enabled()
             with torch.no_grad():
-                state = u.detach()
+                state = z.detach()
                 for _ in range((_count.forward if training else _count.evaluation) - 1):
                     _block.linear_map(state, weight)
             if z.requires_grad and _count.backward:
